@@ -1,0 +1,241 @@
+"""Check flash_sigmoid against float64 on the GPU, then time it beside its peers in one process.
+
+    python bench_attention.py                  # check, then the full table
+    python bench_attention.py --check-only     # correctness only
+    python bench_attention.py --out results/attention_h100.md
+
+Peers: the PyTorch reference (eager and torch.compile'd, only up to --ref-max-t: it holds the
+(T, T) scores), SDPA softmax with the flash (FlashAttention-2) and cuDNN backends, and the PyPI
+package triton-sigmoid when it is installed. bf16, B*T = 16k tokens, 16 heads. FLOPs count
+4*B*H*T*T*D for the forward (half when causal) and 2.5x that for the backward.
+"""
+import argparse
+import datetime
+import math
+import subprocess
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flash_sigmoid as fs
+
+torch._dynamo.config.cache_size_limit = 64  # the compiled reference recompiles for every shape
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def poison_cache():
+    """Fill then free memory so torch.empty hands NaNs to any output element a kernel forgets."""
+    torch.empty(1 << 28, device="cuda").fill_(float("nan"))
+    torch.cuda.synchronize()
+
+
+def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, fast=True):
+    """Max relative error of out, dq, dk, dv (and d bias) against the reference run in float64."""
+    fs.FAST_SIGMOID = fast
+    q = torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, H_kv, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    bias = torch.linspace(-math.log(T), -1.0, H, device="cuda").requires_grad_(learnable)
+    slopes = torch.rand(H, device="cuda") * 0.1 if alibi else None
+    do = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
+    poison_cache()
+    out = fs.flash_sigmoid(q, k, v, causal, bias, None, slopes)
+    grads = torch.autograd.grad(out, [q, k, v] + ([bias] if learnable else []), do)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    ref = fs.sigmoid_attention_reference(*ref_in[:3], causal, ref_in[3], None,
+                                         None if slopes is None else slopes.double())
+    ref_grads = torch.autograd.grad(ref, ref_in[:3] + (ref_in[3:] if learnable else []), do.double())
+    fs.FAST_SIGMOID = True
+    errs = [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
+    return [e if math.isfinite(e) else float("inf") for e in errs]
+
+
+def check(bound=1e-2):
+    print("## correctness: ||out - ref|| / ||ref|| against the float64 reference, fresh random inputs")
+    print(f"{'B':>2} {'H':>3} {'Hkv':>3} {'T':>5} {'D':>4} causal dtype    alibi learn sigmoid  "
+          "out      dq       dk       dv       dbias")
+    cases = []
+    for D in fs.SUPPORTED_HEAD_DIMS:
+        for causal in (True, False):
+            cases.append((2, 4, 4, 1000 + D + 1, D, causal, torch.bfloat16, False, False))
+    cases += [
+        (1, 8, 2, 2049, 64, True, torch.bfloat16, False, True),  # GQA, learnable bias
+        (1, 8, 8, 777, 128, True, torch.float16, True, False),  # ALiBi
+        (2, 4, 1, 333, 32, False, torch.float16, True, True),
+        (1, 4, 4, 4096, 128, False, torch.bfloat16, False, False),
+        (1, 2, 2, 16384, 64, True, torch.bfloat16, False, False),
+    ]
+    failed = 0
+    for case in cases:
+        for fast in (True, False):
+            errs = check_case(*case, fast=fast)
+            ok = max(errs) < bound
+            failed += not ok
+            B, H, H_kv, T, D, causal, dtype, alibi, learn = case
+            print(f"{B:>2} {H:>3} {H_kv:>3} {T:>5} {D:>4} {causal!s:6} {str(dtype)[6:]:8} {alibi!s:5} {learn!s:5} "
+                  f"{'tanh' if fast else 'exact':8} " + " ".join(f"{e:.2e}" for e in errs) + ("" if ok else "  FAIL"))
+    # torch.compile keeps the kernel: fullgraph=True raises on any graph break
+    q, k, v = (torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    f = lambda q, k, v: fs.flash_sigmoid(q, k, v, causal=True).float().square().sum()
+    g_eager = torch.autograd.grad(f(q, k, v), (q, k, v))
+    g_comp = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v), (q, k, v))
+    err = max(rel_err(a, b) for a, b in zip(g_comp, g_eager))
+    print(f"torch.compile(fullgraph=True) forward+backward vs eager: {err:.2e}")
+    failed += not err < 1e-2
+    print("correctness:", "PASS" if not failed else f"{failed} FAILED")
+    return failed == 0
+
+
+def sdpa(backend):
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def peers(ref_max_t):
+    """name -> (fn(q, k, v, causal), max T or None)."""
+    impls = {
+        "flash_sigmoid": (lambda q, k, v, c: fs.flash_sigmoid(q, k, v, causal=c), None),
+        "flash_sigmoid_exact": (exact_sigmoid, None),
+        "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION), None),
+        "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION), None),
+        "torch_ref": (lambda q, k, v, c: fs.sigmoid_attention_reference(q, k, v, causal=c), ref_max_t),
+        "torch_ref_compiled": (torch.compile(fs.sigmoid_attention_reference, dynamic=False), ref_max_t),
+    }
+    try:
+        import triton_sigmoid  # takes (B, T, H, D)
+        impls["triton_sigmoid"] = (lambda q, k, v, c: triton_sigmoid.sigmoid_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=c).transpose(1, 2), None)
+    except ImportError:
+        print("triton-sigmoid is not installed: its column is empty")
+    return impls
+
+
+def exact_sigmoid(q, k, v, causal):
+    fs.FAST_SIGMOID = False  # tl.sigmoid: exp and divide instead of one tanh
+    try:
+        return fs.flash_sigmoid(q, k, v, causal=causal)
+    finally:
+        fs.FAST_SIGMOID = True
+
+
+def time_ms(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bench_one(fn, B, H, T, D, causal):
+    """(fwd ms, fwd+bwd ms, peak extra MiB of fwd+bwd) or None when it fails (out of memory)."""
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    try:
+        with torch.no_grad():
+            fwd = time_ms(lambda: fn(q, k, v, causal))
+        fwd_bwd = time_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return fwd, fwd_bwd, peak
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        torch.cuda.empty_cache()
+
+
+def bench(args):
+    impls = peers(args.ref_max_t)
+    names = [n for n in args.impls.split(",") if n in impls] if args.impls else list(impls)
+    rows = []
+    for D in (64, 128):
+        for T in args.seq_lens:
+            for causal in (False, True):
+                B, H = max(1, args.tokens // T), args.heads
+                flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
+                for name in names:
+                    fn, max_t = impls[name]
+                    if max_t is not None and T > max_t:
+                        continue
+                    r = bench_one(fn, B, H, T, D, causal)
+                    if r is None:
+                        print(f"{name} D={D} T={T} causal={causal}: out of memory")
+                        continue
+                    fwd, fwd_bwd, peak = r
+                    rows.append(dict(impl=name, D=D, T=T, causal=causal, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
+                                     fwd_tflops=flops / fwd / 1e9, fwd_bwd_tflops=3.5 * flops / fwd_bwd / 1e9,
+                                     peak_mib=peak))
+                    print(f"{name:20} D={D:3} T={T:5} causal={causal!s:5} fwd {rows[-1]['fwd_tflops']:6.1f} "
+                          f"fwd+bwd {rows[-1]['fwd_bwd_tflops']:6.1f} TFLOP/s  peak {peak:8.1f} MiB", flush=True)
+    return rows
+
+
+def table(rows, args):
+    """Markdown: our TFLOP/s and the ratio ours/peer for every peer, forward and forward+backward."""
+    ours = {(r["D"], r["T"], r["causal"]): r for r in rows if r["impl"] == "flash_sigmoid"}
+    others = sorted({r["impl"] for r in rows} - {"flash_sigmoid"}, key=[r["impl"] for r in rows].index)
+    head = "| D | T | causal | ours fwd | ours fwd+bwd | ours peak MiB | " + " | ".join(
+        f"vs {n} fwd | vs {n} f+b" for n in others) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    by_key = {(r["impl"], r["D"], r["T"], r["causal"]): r for r in rows}
+    for key, r in ours.items():
+        cells = [str(key[0]), str(key[1]), "yes" if key[2] else "no", f"{r['fwd_tflops']:.1f}",
+                 f"{r['fwd_bwd_tflops']:.1f}", f"{r['peak_mib']:.0f}"]
+        for n in others:
+            p = by_key.get((n,) + key)
+            cells += [f"{r['fwd_tflops'] / p['fwd_tflops']:.2f}x", f"{r['fwd_bwd_tflops'] / p['fwd_bwd_tflops']:.2f}x"] if p else ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    raw = ["", "Raw TFLOP/s (fwd / fwd+bwd) and peak extra MiB of one forward+backward:", ""]
+    raw += [f"- {r['impl']} D={r['D']} T={r['T']} causal={r['causal']}: {r['fwd_tflops']:.1f} / "
+            f"{r['fwd_bwd_tflops']:.1f}, {r['peak_mib']:.0f} MiB" for r in rows]
+    return "\n".join(lines + raw)
+
+
+def header():
+    props = torch.cuda.get_device_properties(0)
+    try:
+        import triton_sigmoid
+        ts = getattr(triton_sigmoid, "__version__", "?")
+    except ImportError:
+        ts = "not installed"
+    cudnn = torch.backends.cudnn.version()
+    return (f"{props.name}, {datetime.date.today()}, torch {torch.__version__}, triton {triton.__version__}, "
+            f"cuDNN {cudnn}, triton-sigmoid {ts}, commit {git_commit()}")
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check-only", action="store_true", help="run the correctness check and stop")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--tokens", type=int, default=16384, help="B*T per shape")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--ref-max-t", type=int, default=1024, help="longest T for the (T, T)-memory reference")
+    p.add_argument("--impls", default="", help="comma-separated subset of implementations")
+    p.add_argument("--out", default="", help="write the markdown table to this file")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench_attention.py needs a CUDA GPU (the CPU tests are test_flash_sigmoid.py)")
+    print(header())
+    if not args.no_check and not check():
+        raise SystemExit("error: correctness check failed; not timing a wrong kernel")
+    if args.check_only:
+        raise SystemExit(0)
+    rows = bench(args)
+    text = f"# Attention benchmark\n\n{header()}\n\nCommand: `python bench_attention.py {' '.join(a for a in __import__('sys').argv[1:])}`\n\n{table(rows, args)}\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)

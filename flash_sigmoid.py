@@ -1,0 +1,381 @@
+"""FlashSigmoid: fused sigmoid attention in Triton, forward and backward.
+
+    O = sigmoid(scale * Q K^T + b) V
+
+Sigmoid attention has no row normalisation, so unlike FlashAttention there is no running row max,
+no row sum, no rescaling of the accumulator and no log-sum-exp to save for the backward pass:
+each score becomes P = sigmoid(x) independently, through one hardware tanh
+(sigmoid(x) = 0.5 * tanh(0.5 * x) + 0.5), and O accumulates P V.
+
+Backward recomputes P from Q and K:
+    dV = P^T dO     dP = dO V^T     dS = P * (1 - P) * dP     dQ = scale dS K     dK = scale dS^T Q
+Two kernels, no atomics: one program per key block accumulates dK and dV (over every query head
+of its group, for grouped-query attention), one program per query block accumulates dQ.
+
+Layout: q (B, H, T, D), k and v (B, H_kv, T, D) with H a multiple of H_kv, last dim contiguous
+(the layout of F.scaled_dot_product_attention). Head dims 16, 32, 64, 128. Any T.
+"""
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch reference below still works
+    triton = None
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on the CPU, no inline asm there
+# tanh.approx.f32: one special-function op per score; the interpreter uses tl.sigmoid instead
+FAST_SIGMOID = not INTERPRET
+
+
+def sigmoid_attention_reference(q, k, v, causal=True, sigmoid_bias=None, scale=None, alibi_slopes=None):
+    """Plain PyTorch sigmoid attention; materialises the (T_q, T_k) scores.
+
+    q: (B, H, T_q, D); k, v: (B, H_kv, T_k, D) with H % H_kv == 0 (grouped-query attention).
+    T_q < T_k (decoding with a KV cache) aligns the queries with the last T_q keys.
+    sigmoid_bias: None (= -log T_k), a float, or a (H,) tensor (one learnable bias per head).
+    alibi_slopes: None or a (H,) tensor; adds -slope_h * (i - j) to the score of query i, key j.
+    """
+    B, H, T_q, D = q.shape
+    H_kv, T_k = k.shape[1], k.shape[2]
+    if H != H_kv:  # each group of H // H_kv query heads shares one key/value head
+        k = k.repeat_interleave(H // H_kv, dim=1)
+        v = v.repeat_interleave(H // H_kv, dim=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    bias = -math.log(T_k) if sigmoid_bias is None else sigmoid_bias
+    if torch.is_tensor(bias):
+        bias = bias.view(1, H, 1, 1)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = scale * (q @ k.transpose(-2, -1)).to(acc_dtype) + bias  # (B, H, T_q, T_k)
+    i = torch.arange(T_k - T_q, T_k, device=q.device).view(-1, 1)  # query positions
+    j = torch.arange(T_k, device=q.device).view(1, -1)  # key positions
+    if alibi_slopes is not None:
+        scores = scores - alibi_slopes.view(1, H, 1, 1) * (i - j)
+    if causal:
+        scores = scores.masked_fill(j > i, float("-inf"))  # sigmoid(-inf) = 0
+    return (torch.sigmoid(scores).to(v.dtype) @ v).to(q.dtype)
+
+
+def kernel_available():
+    return triton is not None and (torch.cuda.is_available() or INTERPRET)
+
+
+def can_use_kernel(q):
+    """True when flash_sigmoid can run on this tensor (device and head dim)."""
+    return triton is not None and (q.is_cuda or INTERPRET) and q.shape[-1] in SUPPORTED_HEAD_DIMS
+
+
+def flash_sigmoid(q, k, v, causal=True, sigmoid_bias=None, scale=None, alibi_slopes=None):
+    """Fused sigmoid attention with autograd; same arguments and result as the reference."""
+    _check_inputs(q, k, v, sigmoid_bias, alibi_slopes)
+    H, T, D = q.shape[1], q.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if torch.is_tensor(sigmoid_bias):
+        bias = sigmoid_bias.float()
+    else:
+        b = -math.log(T) if sigmoid_bias is None else float(sigmoid_bias)
+        bias = torch.full((H,), b, device=q.device, dtype=torch.float32)
+    slopes = None if alibi_slopes is None else alibi_slopes.float().contiguous()
+    return torch.ops.flash_sigmoid.forward(q, k, v, bias, slopes, bool(causal), scale)
+
+
+def _check_inputs(q, k, v, sigmoid_bias, alibi_slopes):
+    """One clear ValueError for anything the kernel cannot take, before any launch."""
+    if triton is None:
+        raise ValueError("flash_sigmoid needs triton: pip install triton, or use sigmoid_attention_reference")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"flash_sigmoid expects (B, H, T, D) tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not q.is_cuda and not INTERPRET:
+        raise ValueError(f"flash_sigmoid runs on CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 "
+                         "to run it on the CPU, or use sigmoid_attention_reference")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one dtype of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if INTERPRET and q.dtype == torch.bfloat16:
+        raise ValueError("the Triton interpreter has no bfloat16: use float16 or float32 on the CPU")
+    B, H, T, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+        raise ValueError(f"k and v must be (B={B}, H_kv, T={T}, D={D}), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if H % k.shape[1] != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({k.shape[1]})")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported by flash_sigmoid (supported: {SUPPORTED_HEAD_DIMS}); "
+                         "use sigmoid_attention_reference")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("q, k, v need a contiguous last dim (stride 1): call .contiguous() first")
+    for name, t in (("sigmoid_bias", sigmoid_bias), ("alibi_slopes", alibi_slopes)):
+        if torch.is_tensor(t) and (t.shape != (H,) or t.device != q.device):
+            raise ValueError(f"{name} must be a ({H},) tensor on {q.device}, got {tuple(t.shape)} on {t.device}")
+
+
+if triton is not None:
+
+    # Autotuned block shapes, (BLOCK_M, BLOCK_N, num_warps, num_stages). Causal needs the larger
+    # block a multiple of the smaller one, so blocks meet the diagonal exactly. Forward and dQ walk
+    # keys for a tall query block; dK/dV walks queries for a tall key block. Three candidates each:
+    # a 4-warp and an 8-warp shape, and a smaller tile for short sequences. The interpreter gets one
+    # small shape.
+    def _configs(gpu_shapes, interpreter_shape):
+        shapes = [interpreter_shape] if INTERPRET else gpu_shapes
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+    FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)], (32, 16, 4, 1))
+    DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)], (16, 32, 4, 1))
+    DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)], (32, 16, 4, 1))
+    TUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "HAS_ALIBI", "FAST"]
+
+    @triton.jit
+    def _probs(s, qpos, kpos, half_scale, half_bias, half_slope,
+               MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST: tl.constexpr):
+        """P = sigmoid(scale*s + b - slope*(i-j)) = 0.5*tanh(0.5*(...)) + 0.5; masked where j > i.
+
+        qpos and kpos broadcast to s's shape: (M, 1) and (1, N), or (1, M) and (N, 1) for s^T.
+        """
+        x = s * half_scale + half_bias  # one fma: scale and bias folded
+        if HAS_ALIBI:
+            x -= half_slope * (qpos - kpos).to(tl.float32)
+        if FAST:
+            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+            p = 0.5 * t + 0.5
+        else:
+            p = tl.sigmoid(2.0 * x)
+        if MASK:
+            p = tl.where(qpos >= kpos, p, 0.0)
+        return p
+
+    @triton.jit
+    def _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
+                   half_scale, half_bias, half_slope, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST: tl.constexpr):
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            in_seq = offs_n < T  # keys past T load as zero, and zero V rows add nothing
+            kT = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+            s = tl.dot(q, kT)  # (BLOCK_M, BLOCK_N)
+            p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope,
+                       MASK, HAS_ALIBI, FAST)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        return acc
+
+    @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, Bias, Slopes,
+                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                    H, GROUP, T, scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST: tl.constexpr):
+        start_m = tl.program_id(0) * BLOCK_M
+        b, h = tl.program_id(1) // H, tl.program_id(1) % H
+        hk = h // GROUP  # the key/value head this query head reads
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                    mask=offs_m[:, None] < T, other=0.0)
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        half_scale = 0.5 * scale
+        half_bias = 0.5 * tl.load(Bias + h)
+        half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        if CAUSAL:  # blocks left of the diagonal unmasked, the diagonal block masked, none above it
+            acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m, T,
+                             half_scale, half_bias, half_slope, HEAD_DIM, BLOCK_N, False, HAS_ALIBI, FAST)
+            acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
+                             tl.minimum(start_m + BLOCK_M, T), T,
+                             half_scale, half_bias, half_slope, HEAD_DIM, BLOCK_N, True, HAS_ALIBI, FAST)
+        else:
+            acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, T, T,
+                             half_scale, half_bias, half_slope, HEAD_DIM, BLOCK_N, False, HAS_ALIBI, FAST)
+        tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                 acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+
+    @triton.jit
+    def _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n, lo, hi, T,
+                    half_scale, half_bias, half_slope, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_GRAD: tl.constexpr, FAST: tl.constexpr):
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            in_seq = offs_m < T  # query rows past T load as zero: dO = 0 makes their dS zero
+            qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+            sT = tl.dot(k, qT)  # (BLOCK_N, BLOCK_M): scores transposed
+            pT = _probs(sT, offs_m[None, :], offs_n[:, None], half_scale, half_bias, half_slope,
+                        MASK, HAS_ALIBI, FAST)
+            dv = tl.dot(pT.to(do.dtype), do, dv)
+            dpT = tl.dot(v, tl.trans(do))
+            dsT = pT * (1.0 - pT) * dpT  # sigmoid' = P (1 - P)
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+            if BIAS_GRAD:
+                db += tl.sum(tl.sum(dsT, axis=1), axis=0)
+        return dk, dv, db
+
+    @triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY)
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Bias, Slopes, DBias,
+                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                         H, GROUP, T, scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                         FAST: tl.constexpr):
+        H_kv = H // GROUP
+        start_n = tl.program_id(0) * BLOCK_N
+        b, hk = tl.program_id(1) // H_kv, tl.program_id(1) % H_kv
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        kv_offs = offs_n[:, None] * stride_kt + offs_d[None, :]  # dk, dv, k, v share one layout
+        k = tl.load(K + b * stride_kb + hk * stride_kh + kv_offs, mask=offs_n[:, None] < T, other=0.0)
+        v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                    mask=offs_n[:, None] < T, other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        half_scale = 0.5 * scale
+        for h in range(hk * GROUP, hk * GROUP + GROUP):  # every query head that shares this k, v
+            q_base = Q + b * stride_qb + h * stride_qh
+            do_base = DO + b * stride_dob + h * stride_doh
+            half_bias = 0.5 * tl.load(Bias + h)
+            half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
+            db = 0.0
+            if CAUSAL:  # the diagonal block masked, the queries below it unmasked, none above
+                dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
+                                         start_n, start_n + BLOCK_N, T, half_scale, half_bias, half_slope,
+                                         HEAD_DIM, BLOCK_M, True, HAS_ALIBI, BIAS_GRAD, FAST)
+                dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
+                                         start_n + BLOCK_N, T, T, half_scale, half_bias, half_slope,
+                                         HEAD_DIM, BLOCK_M, False, HAS_ALIBI, BIAS_GRAD, FAST)
+            else:
+                dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
+                                         0, T, T, half_scale, half_bias, half_slope,
+                                         HEAD_DIM, BLOCK_M, False, HAS_ALIBI, BIAS_GRAD, FAST)
+            if BIAS_GRAD:  # one partial sum per (batch, head, key block); the launcher adds them
+                tl.store(DBias + (tl.program_id(0) * tl.num_programs(1) * GROUP) + b * H + h, db)
+        out = b * stride_kb + hk * stride_kh + kv_offs  # dk, dv are made with k's strides
+        tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < T)
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < T)
+
+    @triton.jit
+    def _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
+                  half_scale, half_bias, half_slope, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST: tl.constexpr):
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            in_seq = offs_n < T  # keys past T load as zero: V = 0 makes their dS zero
+            kT = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+            vT = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+            s = tl.dot(q, kT)
+            p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope,
+                       MASK, HAS_ALIBI, FAST)
+            dp = tl.dot(do, vT)
+            ds = p * (1.0 - p) * dp
+            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+        return dq
+
+    @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, DO, DQ, Bias, Slopes,
+                       stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                       stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                       H, GROUP, T, scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST: tl.constexpr):
+        start_m = tl.program_id(0) * BLOCK_M
+        b, h = tl.program_id(1) // H, tl.program_id(1) % H
+        hk = h // GROUP
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_offs = offs_m[:, None] * stride_qt + offs_d[None, :]  # dq is made with q's strides
+        q = tl.load(Q + b * stride_qb + h * stride_qh + q_offs, mask=offs_m[:, None] < T, other=0.0)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                     mask=offs_m[:, None] < T, other=0.0)
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        half_scale = 0.5 * scale
+        half_bias = 0.5 * tl.load(Bias + h)
+        half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        if CAUSAL:
+            dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m, T,
+                           half_scale, half_bias, half_slope, HEAD_DIM, BLOCK_N, False, HAS_ALIBI, FAST)
+            dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
+                           tl.minimum(start_m + BLOCK_M, T), T,
+                           half_scale, half_bias, half_slope, HEAD_DIM, BLOCK_N, True, HAS_ALIBI, FAST)
+        else:
+            dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, T, T,
+                           half_scale, half_bias, half_slope, HEAD_DIM, BLOCK_N, False, HAS_ALIBI, FAST)
+        tl.store(DQ + b * stride_qb + h * stride_qh + q_offs, (dq * scale).to(DQ.dtype.element_ty),
+                 mask=offs_m[:, None] < T)
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+@torch.library.triton_op("flash_sigmoid::forward", mutates_args={})
+def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optional[Tensor],
+             causal: bool, scale: float) -> Tensor:
+    B, H, T, D = q.shape
+    o = torch.empty_like(q)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    torch.library.wrap_triton(_fwd_kernel)[grid](
+        q, k, v, o, bias, bias if slopes is None else slopes,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        H, H // k.shape[1], T, scale,
+        HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, FAST=FAST_SIGMOID)
+    return o
+
+
+@torch.library.triton_op("flash_sigmoid::backward", mutates_args={})
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optional[Tensor],
+              causal: bool, scale: float, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    slopes = bias if slopes is None else slopes  # a placeholder pointer when there is no ALiBi
+    common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not bias, FAST=FAST_SIGMOID)
+
+    # (key blocks, B, H) partial sums of dS; sized for the smallest block, unused rows stay zero
+    dbias_partial = torch.zeros((triton.cdiv(T, 16), B, H) if bias_grad else (1,), device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)
+    torch.library.wrap_triton(_bwd_dkdv_kernel)[grid](
+        q, k, v, do, dk, dv, bias, slopes, dbias_partial,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        H, H // H_kv, T, scale, BIAS_GRAD=bias_grad, **common)
+
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    torch.library.wrap_triton(_bwd_dq_kernel)[grid](
+        q, k, v, do, dq, bias, slopes,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        H, H // H_kv, T, scale, **common)
+    dbias = dbias_partial.sum(dim=(0, 1)) if bias_grad else torch.zeros_like(bias)
+    return dq, dk, dv, dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, slopes, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, bias, slopes)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _autograd_backward(ctx, do):
+    q, k, v, bias, slopes = ctx.saved_tensors
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    dq, dk, dv, dbias = torch.ops.flash_sigmoid.backward(
+        do, q, k, v, bias, slopes, ctx.causal, ctx.scale, ctx.needs_input_grad[3])
+    return dq, dk, dv, dbias, None, None, None
+
+
+torch.library.register_autograd("flash_sigmoid::forward", _autograd_backward, setup_context=_setup_context)

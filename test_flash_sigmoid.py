@@ -1,0 +1,133 @@
+"""flash_sigmoid against an independent float64 formula, on the CPU through the Triton interpreter.
+
+Small shapes, fp32 and fp16, odd T, causal and not, GQA, ALiBi, fixed and learnable biases.
+"""
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
+
+import pytest
+import torch
+
+import flash_sigmoid as fs
+
+pytestmark = pytest.mark.skipif(not fs.INTERPRET and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a GPU")
+DEVICE = "cuda" if torch.cuda.is_available() and not fs.INTERPRET else "cpu"
+
+
+def sigmoid_attention_f64(q, k, v, causal, bias, alibi_slopes=None):
+    """O[b,h,i] = sum_j sigmoid(q_i.k_j / sqrt(D) + b_h - slope_h (i - j)) v_j, over j <= i when causal."""
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    pos = torch.arange(T, dtype=torch.float64)
+    bias = torch.as_tensor(bias, dtype=torch.float64).cpu()
+    x = q @ k.transpose(-1, -2) / math.sqrt(D) + bias.view(1, H, 1, 1)
+    if alibi_slopes is not None:
+        x = x - alibi_slopes.double().cpu().view(1, H, 1, 1) * (pos[:, None] - pos[None, :])
+    p = 1.0 / (1.0 + torch.exp(-x))
+    if causal:
+        p = p * (pos[None, :] <= pos[:, None])
+    return p @ v
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_inputs(B, H, H_kv, T, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, T, D, generator=g).to(dtype) for h in (H, H_kv, H_kv))
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+
+
+def poisoned_cache():
+    """Fill then free memory so torch.empty hands NaNs to any output element the kernel forgets."""
+    if DEVICE == "cuda":
+        torch.empty(1 << 26, device=DEVICE).fill_(float("nan"))
+
+
+CASES = [  # B, H, H_kv, T, D, causal, dtype, alibi, learnable bias
+    (2, 4, 4, 37, 16, True, torch.float32, False, False),
+    (1, 4, 2, 50, 32, False, torch.float32, True, True),
+    (1, 2, 1, 33, 64, True, torch.float16, True, True),
+    (1, 2, 2, 45, 128, False, torch.float32, False, False),
+    (1, 4, 1, 64, 32, True, torch.float16, False, True),
+    (2, 2, 2, 17, 64, False, torch.float16, False, False),
+]
+
+
+@pytest.mark.parametrize("B,H,H_kv,T,D,causal,dtype,alibi,learnable", CASES)
+def test_forward_and_gradients_match_float64(B, H, H_kv, T, D, causal, dtype, alibi, learnable):
+    seed = hash((B, H, H_kv, T, D, causal)) % 10_000
+    q, k, v = make_inputs(B, H, H_kv, T, D, dtype, seed)
+    bias = torch.linspace(-math.log(T), 1.0, H, device=DEVICE)  # several bias values, one per head
+    slopes = torch.rand(H, device=DEVICE) * 0.5 if alibi else None
+    do = torch.randn(B, H, T, D, device=DEVICE).to(dtype)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    bias_arg = bias.clone().requires_grad_() if learnable else bias
+    poisoned_cache()
+    out = fs.flash_sigmoid(*leaves, causal=causal, sigmoid_bias=bias_arg, alibi_slopes=slopes)
+    out.backward(do)
+
+    ref_leaves = [t.double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_bias = bias.double().cpu().requires_grad_()
+    ref_out = sigmoid_attention_f64(*ref_leaves, causal, ref_bias, slopes)
+    ref_out.backward(do.double().cpu())
+
+    tol = 2e-6 if dtype == torch.float32 else 2e-3
+    assert torch.isfinite(out).all()
+    assert rel_err(out.cpu(), ref_out) < tol
+    for got, want in zip(leaves, ref_leaves):
+        assert torch.isfinite(got.grad).all()
+        assert rel_err(got.grad.cpu(), want.grad) < tol
+    if learnable:
+        assert rel_err(bias_arg.grad.cpu(), ref_bias.grad) < tol
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_matches_float64_formula(causal):
+    q, k, v = make_inputs(2, 4, 2, 29, 16, torch.float32, 3)
+    bias, slopes = torch.randn(4), torch.rand(4)
+    got = fs.sigmoid_attention_reference(q.double(), k.double(), v.double(), causal, bias.double(), None, slopes.double())
+    assert rel_err(got.cpu(), sigmoid_attention_f64(q, k, v, causal, bias, slopes)) < 1e-12
+
+
+def test_default_bias_is_minus_log_t():
+    q, k, v = make_inputs(1, 2, 2, 40, 16, torch.float32, 5)
+    got = fs.flash_sigmoid(q, k, v, causal=True)
+    want = sigmoid_attention_f64(q, k, v, True, [-math.log(40)] * 2)
+    assert rel_err(got.cpu(), want) < 2e-6
+
+
+@pytest.mark.skipif(fs.INTERPRET, reason="the interpreter cannot trace kernels on fake tensors; bench_attention.py checks this on the GPU")
+def test_compiles_without_graph_break():
+    q, k, v = make_inputs(1, 2, 2, 24, 16, torch.float32, 11)
+    compiled = torch.compile(lambda q, k, v: fs.flash_sigmoid(q, k, v, causal=True) * 2, backend="aot_eager",
+                             fullgraph=True)  # fullgraph: a graph break raises
+    assert rel_err(compiled(q, k, v).cpu(), 2 * sigmoid_attention_f64(q, k, v, True, [-math.log(24)] * 2)) < 2e-6
+
+
+def test_bad_input_is_one_clear_value_error():
+    q, k, v = make_inputs(1, 4, 2, 16, 16, torch.float32, 1)
+    bad = [
+        ((q[0], k, v), "(B, H, T, D)"),
+        ((q, k[:, :, :8], v[:, :, :8]), "must be (B="),
+        ((q, k.half(), v), "one dtype"),
+        ((q.long(), k.long(), v.long()), "one dtype"),
+        ((q[:, :3], k, v), "multiple of key/value heads"),
+        ((q[..., :12], k[..., :12], v[..., :12]), "head dim 12 is not supported"),
+        ((q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)), None),  # (.., 16, 16): stride check
+    ]
+    for args, words in bad:
+        with pytest.raises(ValueError) as e:
+            fs.flash_sigmoid(*args)
+        assert "\n" not in str(e.value)
+        if words:
+            assert words in str(e.value)
+    with pytest.raises(ValueError, match=r"sigmoid_bias must be a \(4,\) tensor"):
+        fs.flash_sigmoid(q, k, v, sigmoid_bias=torch.zeros(3))
