@@ -70,8 +70,8 @@ def check(bound=1e-2):
         (1, 2, 2, 16384, 64, True, torch.bfloat16, False, False),
     ]
     failed = 0
-    for case in cases:
-        for fast in (True, False):
+    for n, case in enumerate(cases):
+        for fast in (True, False) if n in (2, 7, len(cases) - 1) else (True,):  # exact sigmoid on a few
             errs = check_case(*case, fast=fast)
             ok = max(errs) < bound
             failed += not ok
