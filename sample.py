@@ -1,0 +1,91 @@
+"""Sample from a model trained by train.py.
+
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
+"""
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from configurable import opt, parse_args
+from model import GPT, ModelLoadError
+from prepare_data import DataError, tokenizer_from_meta
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = opt("out", "folder holding ckpt.pt (train.py's --out_dir)")
+    start: str = opt("\n", "the prompt, or FILE:path to read it from a file")
+    num_samples: int = opt(10, "number of samples to draw")
+    max_new_tokens: int = opt(500, "tokens generated per sample")
+    temperature: float = opt(0.8, "1.0 = as trained, lower = more predictable, 0 = always the likeliest token")
+    top_k: int = opt(200, "sample only among the k likeliest tokens; 0 = all")
+    top_p: float = opt(1.0, "sample only among the likeliest tokens whose probabilities add up to p; 1.0 = all")
+    seed: int = opt(1337, "random seed")
+    device: str = opt("auto", "auto (cuda if there is one, else cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = opt("auto", "auto = bfloat16 where supported, else float16 on CUDA, float32 on CPU",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    compile: bool = opt(False, "torch.compile the model's forward (slow first call; helps long runs on GPU)")
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv=None):
+    cfg = parse_args(argv, SampleConfig, prog="sample.py", description="Sample text from a trained checkpoint.")
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    if not path.is_file():
+        fail(f"no checkpoint at {path}: train first with python train.py")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device_type = "cuda" if "cuda" in device else device.split(":")[0]
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    torch.manual_seed(cfg.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+    torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated file, not a checkpoint, ...
+        fail(f"cannot read {path} ({' '.join(str(e).split())[:200]}): is it a train.py checkpoint?")
+    try:  # backend auto: the Triton kernel where it can run, the torch reference elsewhere (same math)
+        model = GPT.from_checkpoint(ckpt, override_args=dict(sigmoid_backend="auto"))
+    except ModelLoadError as e:
+        fail(f"{path}: {e}")
+    model.eval().to(device)
+    if cfg.compile:
+        model.forward = torch.compile(model.forward, dynamic=True)  # generate calls forward with varying lengths
+    if not isinstance(ckpt.get("dataset_meta"), dict):
+        fail(f"{path} has no dataset_meta, so its tokens can't be decoded: save it with train.py")
+    encode, decode = tokenizer_from_meta(ckpt["dataset_meta"])
+
+    start = cfg.start
+    if start.startswith("FILE:"):
+        try:
+            start = Path(start[5:]).read_text(encoding="utf-8")
+        except OSError as e:
+            fail(f"cannot read the prompt file {start[5:]!r}: {e.strerror}")
+    try:
+        start_ids = encode(start)
+    except DataError as e:
+        fail(f"the prompt can't be encoded: {e}; use only characters from the training text")
+    if not start_ids:
+        fail("the prompt is empty: give --start at least one token (the default is a newline)")
+    x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
+
+    with torch.no_grad(), ctx:
+        for _ in range(cfg.num_samples):
+            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
+            print(decode(y[0].tolist()))
+            print("---------------")
+
+
+if __name__ == "__main__":
+    main()

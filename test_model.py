@@ -1,0 +1,179 @@
+"""GPT: KV-cache generation, sampling, training, checkpoints and GPT-2 loading, on tiny CPU models."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before flash_sigmoid is first imported: see test_attention.py
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, ModelLoadError, sample_next
+
+
+def tiny_config(**kw):
+    args = dict(block_size=16, vocab_size=65, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=False)
+    return GPTConfig(**{**args, **kw})
+
+
+def generate_by_recomputing(model, idx, max_new_tokens):
+    """Greedy decoding the plain way: the whole (cropped) sequence through the model at every step."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat((idx, logits[:, -1].argmax(dim=-1, keepdim=True)), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope", "alibi"])
+@pytest.mark.parametrize("attn", ["softmax", "sigmoid"])
+def test_kv_cache_generation_matches_full_recompute(attn, pos_emb):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(attn=attn, pos_emb=pos_emb, qk_norm=pos_emb == "rope", n_kv_head=2)).eval()
+    prompt = torch.randint(0, 65, (2, 5))
+    # 5 + 30 tokens > block_size 16: also covers the window sliding past the cache
+    assert torch.equal(model.generate(prompt, 30, temperature=0), generate_by_recomputing(model, prompt, 30))
+    long_prompt = torch.randint(0, 65, (1, 20))  # longer than block_size from the start
+    assert torch.equal(model.generate(long_prompt, 3, temperature=0), generate_by_recomputing(model, long_prompt, 3))
+
+
+def test_generate_never_samples_padding_ids():
+    model = GPT(tiny_config())
+    assert model.padded_vocab_size == 128 and model.lm_head.weight.shape[0] == 128
+    with torch.no_grad():  # make the 63 padding ids by far the likeliest, were they not cut off
+        model.lm_head.weight[65:] = model.transformer.ln_f.weight.sign() * 10
+    out = model.generate(torch.zeros(8, 1, dtype=torch.long), 20, temperature=1.0)
+    assert out.max() < 65
+    logits, _ = model(out[:, :16], targets=out[:, 1:17])
+    assert logits.shape == (8, 16, 65)
+
+
+def test_generate_restores_training_mode():
+    model = GPT(tiny_config()).train()
+    model.generate(torch.zeros(1, 1, dtype=torch.long), 2)
+    assert model.training
+
+
+def test_sample_next_top_k_and_top_p():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(500, 1)
+    assert set(sample_next(logits.clone(), top_p=0.6).flatten().tolist()) == {0, 1}  # 0.5 < 0.6 <= 0.8
+    assert set(sample_next(logits.clone(), top_p=0.5).flatten().tolist()) == {0}
+    assert set(sample_next(logits.clone(), top_p=0.0).flatten().tolist()) == {0}  # the top token always stays
+    assert set(sample_next(logits.clone(), top_k=3).flatten().tolist()) == {0, 1, 2}
+    assert sample_next(logits[:1], temperature=0).item() == 0
+
+
+@pytest.mark.parametrize("extra", [dict(attn="softmax"), dict(attn="sigmoid"),
+                                   dict(attn="sigmoid", sigmoid_bias="learnable", pos_emb="alibi", qk_norm=True,
+                                        layerscale=True, hybrid_norm=True)])
+def test_a_few_optimizer_steps_lower_the_loss(extra):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**extra))
+    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.99), device_type="cpu")
+    data = torch.arange(17).repeat(4, 1) * 3 % 65  # an easy pattern: next = current + 3
+    x, y = data[:, :-1], data[:, 1:]
+    losses = []
+    for _ in range(30):
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(tiny_config(attn="sigmoid", sigmoid_bias="learnable", layerscale=True))
+    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu").param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_estimate_mfu_is_none_on_cpu():
+    assert GPT(tiny_config()).estimate_mfu(fwdbwd_per_iter=4, dt=0.1) is None
+
+
+def test_num_params_leaves_out_position_embeddings():
+    model = GPT(tiny_config())
+    assert model.get_num_params(non_embedding=False) - model.get_num_params() == 16 * 32
+    rope = GPT(tiny_config(pos_emb="rope"))
+    assert rope.get_num_params() == rope.get_num_params(non_embedding=False)
+
+
+def checkpoint_of(model):
+    return {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config)}
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(attn="sigmoid", sigmoid_bias="learnable", pos_emb="rope", qk_norm=True)])
+def test_from_checkpoint_rebuilds_the_same_model(extra):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**extra)).eval()
+    ckpt = checkpoint_of(model)
+    ckpt["model"] = {"_orig_mod." + k: v for k, v in ckpt["model"].items()}  # as saved from a torch.compile'd model
+    again = GPT.from_checkpoint(ckpt).eval()
+    idx = torch.randint(0, 65, (2, 16))
+    torch.testing.assert_close(again(idx, idx)[0], model(idx, idx)[0], rtol=0, atol=0)
+
+
+def test_from_checkpoint_rejects_another_architecture_in_one_line():
+    ckpt = checkpoint_of(GPT(tiny_config(n_embd=64)))
+    ckpt["model_args"] = dataclasses.asdict(tiny_config())  # weights of a wider model
+    with pytest.raises(ModelLoadError) as e:
+        GPT.from_checkpoint(ckpt)
+    assert "\n" not in str(e.value) and "another shape" in str(e.value)
+
+    ckpt = checkpoint_of(GPT(tiny_config(qk_norm=True)))
+    ckpt["model_args"]["qk_norm"] = False  # extra q_norm/k_norm weights
+    with pytest.raises(ModelLoadError, match="unexpected") as e:
+        GPT.from_checkpoint(ckpt)
+    assert "\n" not in str(e.value)
+
+    ckpt = checkpoint_of(GPT(tiny_config()))
+    ckpt["model_args"]["n_expert"] = 8  # a model_args key this model.py doesn't know
+    with pytest.raises(ModelLoadError, match="another model version") as e:
+        GPT.from_checkpoint(ckpt)
+    assert "\n" not in str(e.value)
+
+
+def test_attention_output_norms_are_recorded_per_layer():
+    model = GPT(tiny_config(attn="sigmoid"))
+    model.record_attn_norms()
+    model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))[1].backward()
+    norms = model.attn_out_norms()
+    assert len(norms) == 2 and all(isinstance(n, float) and n > 0 for n in norms)
+
+
+def test_crop_block_size():
+    for pos_emb in ("learned", "rope"):
+        model = GPT(tiny_config(pos_emb=pos_emb))
+        model.crop_block_size(8)
+        logits, _ = model(torch.zeros(1, 8, dtype=torch.long))
+        assert model.config.block_size == 8 and logits.shape == (1, 1, 65)
+
+
+def test_from_pretrained_without_transformers_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(ModelLoadError, match="pip install transformers") as e:
+        GPT.from_pretrained("gpt2", dict(dropout=0.0))
+    assert "\n" not in str(e.value)
+
+
+def test_from_pretrained_refuses_sigmoid_attention():
+    with pytest.raises(ModelLoadError, match="softmax"):
+        GPT.from_pretrained("gpt2", dict(attn="sigmoid"))
+    with pytest.raises(ModelLoadError, match="--pos_emb=rope doesn't fit"):
+        GPT.from_pretrained("gpt2", dict(pos_emb="rope"))
+
+
+def test_hf_gpt2_weights_give_the_same_logits():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    model = GPT.from_hf_state_dict(hf_model.state_dict(), GPTConfig(block_size=16, vocab_size=100, n_layer=2,
+                                                                    n_head=4, n_embd=32, bias=True)).eval()
+    idx = torch.randint(0, 100, (2, 16))
+    torch.testing.assert_close(model(idx, idx)[0], hf_model(idx).logits, rtol=1e-4, atol=1e-4)

