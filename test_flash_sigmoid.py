@@ -104,12 +104,25 @@ def test_default_bias_is_minus_log_t():
     assert rel_err(got.cpu(), want) < 2e-6
 
 
-@pytest.mark.skipif(fs.INTERPRET, reason="the interpreter cannot trace kernels on fake tensors; bench_attention.py checks this on the GPU")
-def test_compiles_without_graph_break():
+def test_compiles_without_graph_break():  # bench_attention.py checks the inductor backend on the GPU
     q, k, v = make_inputs(1, 2, 2, 24, 16, torch.float32, 11)
     compiled = torch.compile(lambda q, k, v: fs.flash_sigmoid(q, k, v, causal=True) * 2, backend="aot_eager",
                              fullgraph=True)  # fullgraph: a graph break raises
     assert rel_err(compiled(q, k, v).cpu(), 2 * sigmoid_attention_f64(q, k, v, True, [-math.log(24)] * 2)) < 2e-6
+
+
+def test_strided_views_of_one_qkv_tensor():
+    """The model slices q, k, v out of one (B, T, 3, H, D) projection: strided, not contiguous."""
+    B, T, H, D = 2, 19, 2, 16
+    qkv = torch.randn(B, T, 3, H, D, device=DEVICE).requires_grad_()
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views
+    assert not q.is_contiguous()
+    poisoned_cache()
+    fs.flash_sigmoid(q, k, v, causal=True).square().sum().backward()
+    got = qkv.grad.clone()
+    qkv64 = qkv.detach().double().cpu().requires_grad_()
+    sigmoid_attention_f64(*(qkv64[:, :, i].transpose(1, 2) for i in range(3)), True, [-math.log(T)] * H).square().sum().backward()
+    assert rel_err(got.cpu(), qkv64.grad) < 2e-6
 
 
 def test_bad_input_is_one_clear_value_error():
