@@ -126,7 +126,7 @@ if triton is not None:
         shapes = [interpreter_shape] if INTERPRET else gpu_shapes
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
-    FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)], (32, 16, 4, 1))
+    FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)], (32, 16, 4, 1))
     DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)], (16, 32, 4, 1))
     DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)], (32, 16, 4, 1))
     TUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "HAS_ALIBI", "FAST"]
