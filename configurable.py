@@ -194,7 +194,11 @@ def load_config(argv, config_cls=TrainConfig, default_presets=()):
 
 
 def _show(value):
-    return str(value).lower() if isinstance(value, bool) else (str(value) if value != "" else "''")
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str) and (value == "" or value != value.strip() or "\n" in value):
+        return repr(value)  # an empty or whitespace default, e.g. sample.py's start="\n", shown visibly
+    return str(value)
 
 
 def help_text(config_cls=TrainConfig, prog="train.py", description=""):
