@@ -1,0 +1,315 @@
+"""
+Run an ablation: every (run, seed) of an ablation file through train.py, then a table and a plot.
+
+    python ablate.py ablations/sigmoid_recipe.toml                  # all runs x seeds (one per GPU if several)
+    python ablate.py ablations/sigmoid_recipe.toml --only=softmax,sigmoid_recipe --seeds=1337
+    python ablate.py ablations/sigmoid_recipe.toml --dry_run        # check every run's config, print the commands
+    python ablate.py ablations/sigmoid_recipe.toml --report_only    # results.md + val_loss.png from earlier logs
+    python ablate.py ablations/sigmoid_recipe.toml -- --max_iters=1000   # train.py overrides for every run
+
+An ablation file is TOML: base = ["presets/x.toml"], out_root = "out-x", optional seeds = [...] and
+overrides = {key = value} for every run, then one [table] of train.py keys per run. Each (run, seed)
+trains in <out_root>/<run>/seed<seed>/ (log.jsonl, ckpt.pt, train.out); one whose log.jsonl already
+ends with the eval at max_iters is skipped, and an unfinished one with a ckpt.pt resumes from it,
+unless --force (start every run afresh).
+"""
+import argparse
+import difflib
+import json
+import os
+import queue
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import tomllib
+from pathlib import Path
+
+from configurable import ConfigError, load_config
+
+HERE = Path(__file__).resolve().parent
+TOP_KEYS = ("base", "out_root", "seeds", "overrides")
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        hint = "; give train.py overrides after --" if message.startswith("unrecognized arguments") else ""
+        fail(f"{message}{hint} (see python ablate.py --help)")
+
+
+def as_args(table, where):
+    """{key: TOML value} -> ['--key=value', ...]: the text train.py's command line takes."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table of key = value")
+    for key, value in table.items():
+        if key in ("out_dir", "seed"):
+            raise ConfigError(f"{where}: remove {key}; ablate.py sets out_dir and seed for each (run, seed)")
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: {key} must be a single value, got {value!r}")
+    return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in table.items()]
+
+
+def load_ablation(path, extra):
+    """The ablation file -> (out_root, seeds, {run: train.py args}). Every run's whole config is checked
+    here, as train.py will check it, so a typo stops everything before the first run. Raises ConfigError."""
+    from attention import check_attention_config  # train.py's cross-key checks (imports torch)
+    try:
+        with open(path, "rb") as f:
+            spec = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read ablation file {path!r}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid TOML: {' '.join(str(e).split())}") from None
+    base, out_root, seeds = spec.get("base"), spec.get("out_root"), spec.get("seeds", [1337])
+    if not isinstance(base, list) or not base or not all(isinstance(p, str) and p.endswith(".toml") for p in base):
+        # with no preset train.py picks one per machine (GPU or CPU): runs would differ by where they ran
+        raise ConfigError(f'{path}: set base = ["presets/x.toml"], the presets every run starts from')
+    base = [os.path.relpath(HERE / p) if not Path(p).exists() and (HERE / p).exists() else p for p in base]
+    if not isinstance(out_root, str) or not out_root:
+        raise ConfigError(f'{path}: set out_root = "out-name", the folder that gets one subfolder per run')
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
+        raise ConfigError(f"{path}: seeds must be a list of ints, e.g. seeds = [1337, 1338]")
+    shared = base + as_args(spec.get("overrides", {}), f"{path}: overrides")
+    try:
+        load_config(shared + extra)
+    except ConfigError as e:
+        raise ConfigError(f"{path} (base, overrides) or after --: {e}") from None
+    runs = {}
+    for name, table in spec.items():
+        if name in TOP_KEYS:
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown top-level key {name!r}; the top level holds only "
+                              f"{', '.join(TOP_KEYS)}, and each run is a [table]")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"{path}: run [{name}] needs a folder-safe name: letters, digits, _ . -")
+        runs[name] = shared + as_args(table, f"run {name!r}") + extra  # later keys win: extra over run over shared
+        try:
+            check_attention_config(load_config(runs[name]))
+        except ConfigError as e:
+            raise ConfigError(f"run {name!r}: {e}") from None
+    if not runs:
+        raise ConfigError(f'{path}: no runs; add one table per run, e.g. [softmax] with attn = "softmax"')
+    return out_root, seeds, runs
+
+
+class Job:
+    def __init__(self, run, seed, out_root, args):
+        self.run, self.seed, self.out_dir = run, seed, Path(out_root) / run / f"seed{seed}"
+        args = args + [f"--out_dir={self.out_dir}", f"--seed={seed}"]
+        self.max_iters = load_config(args).max_iters
+        self.argv = [sys.executable, str(HERE / "train.py"), *args]
+        self.shown = shlex.join(["python", os.path.relpath(HERE / "train.py"), *args])  # what a user can paste
+
+    def log(self):
+        path = self.out_dir / "log.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [json.loads(line) for line in lines if line.endswith("}")]  # a killed run's last line may be cut short
+
+    def resume(self):  # an unfinished run with a checkpoint goes on from it (train.py resumes exactly)
+        self.argv.append("--init_from=resume")
+        self.shown += " --init_from=resume"
+
+    def finished(self):  # train.py evaluates at max_iters and logs that as its last line
+        log = self.log()
+        return bool(log) and log[-1].get("iter") == self.max_iters and log[-1].get("val_loss") is not None
+
+    def train(self, gpu, echo):
+        """train.py in a subprocess, its output to out_dir/train.out (and to the terminal if echo).
+        Returns its exit status."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **({} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}))
+        with open(self.out_dir / "train.out", "w", buffering=1) as out:  # line-buffered: tail -f shows progress
+            out.write(f"$ {self.shown}\n")
+            proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            for line in proc.stdout:
+                out.write(line)
+                if echo:
+                    print(line, end="", flush=True)
+            return proc.wait()
+
+
+def run_all(jobs, gpus):
+    """Jobs one after another, or one per GPU at a time. Returns (the failed ones, whether Ctrl-C stopped it);
+    a failure leaves the others to carry on."""
+    todo, failed, lock, stop = queue.Queue(), [], threading.Lock(), threading.Event()
+    for i, job in enumerate(jobs):
+        todo.put((i, job))
+
+    def worker(gpu):
+        while not stop.is_set():
+            try:
+                i, job = todo.get_nowait()
+            except queue.Empty:  # another worker took the last one
+                return
+            with lock:
+                print(f"[{i + 1}/{len(jobs)}]{'' if gpu is None else f' (GPU {gpu})'} {job.shown}", flush=True)
+            if code := job.train(gpu, echo=len(gpus) == 1):
+                last = ((job.out_dir / "train.out").read_text().strip().splitlines() or [""])[-1]
+                with lock:
+                    failed.append(job)
+                    print(f"{'STOPPED' if stop.is_set() else 'FAILED'} {job.run} seed {job.seed} (exit {code}): {last} "
+                          f"[see {job.out_dir / 'train.out'}]", file=sys.stderr, flush=True)
+    threads = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in gpus]
+    for t in threads:
+        t.start()
+    # Ctrl-C reaches the children too: wait while they save and say how to resume, and start no more.
+    # A handler, not KeyboardInterrupt: an interrupted join() can report a running thread as finished.
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        for t in threads:
+            t.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return failed, stop.is_set()
+
+
+def pick_gpus(spec):
+    """GPU ids to run on in parallel, or [None]: one run at a time wherever train.py puts it."""
+    if spec != "auto":
+        return spec.split(",")
+    if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:  # the ids as they are, not renumbered
+        ids = [g for g in visible.split(",") if g.strip()]
+    else:
+        import torch
+        ids = [str(i) for i in range(torch.cuda.device_count())]
+    return ids if len(ids) > 1 else [None]
+
+
+def stat(xs, fmt="{:.4f}"):
+    """mean (min..max) over seeds."""
+    mean = fmt.format(sum(xs) / len(xs)) if xs else "-"
+    return mean if len(xs) < 2 else f"{mean} ({fmt.format(min(xs))}..{fmt.format(max(xs))})"
+
+
+def report(path, out_root, jobs):
+    """<out_root>/results.md, one row per run, and val_loss.png from the logs of the jobs' out_dirs."""
+    rows, curves = [], {}
+    for run in dict.fromkeys(j.run for j in jobs):
+        mine = [j for j in jobs if j.run == run]
+        curves[run], best, final, speed, norm = {}, [], [], [], []
+        for job in mine:
+            log = job.log()
+            evals = [(r["iter"], r["val_loss"]) for r in log if r.get("val_loss") is not None]
+            if not evals:
+                continue
+            curves[run][job.seed] = evals
+            best.append(min(v for _, v in evals))
+            final.append(evals[-1][1])
+            tps = [r["tokens_per_s"] for r in log if r.get("tokens_per_s")]
+            speed += [statistics.median(tps)] if tps else []  # median: robust to steps slowed by compiling
+            norms = [r["attn_out_norm"] for r in log if r.get("attn_out_norm")]
+            norm += [statistics.mean(norms[-1])] if norms else []  # at the last log step, mean over layers
+        last = min((e[-1][0] for e in curves[run].values()), default=None)
+        iters = "-" if last is None else f"{last}" + ("" if last == mine[0].max_iters else f" of {mine[0].max_iters}")
+        command = mine[0].shown.replace("|", "\\|")  # a | would end the table cell
+        rows.append(f"| {run} | {', '.join(map(str, curves[run])) or 'not run'} | {iters} | {stat(best)} | "
+                    f"{stat(final)} | {stat(speed, '{:,.0f}')} | {stat(norm, '{:.3f}')} | `{command}` |")
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "results.md").write_text(
+        f"# {out_root.name}\n\nFrom `{path}`. Each number is the mean over seeds, with (min..max) over seeds. "
+        "best = lowest val loss at any eval; final = val loss at the last eval; tokens/s = each seed's median over "
+        "its log steps; attn out norm = mean over layers of the attention output's L2 norm per token at the last "
+        "log step (--log_attn_norm). The command is the first seed's; the others differ in --out_dir and --seed.\n\n"
+        "| run | seeds | iters | best val loss | final val loss | tokens/s | attn out norm | command |\n"
+        "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    print(f"wrote {out_root / 'results.md'}")
+    plot(curves, out_root)
+
+
+def plot(curves, out_root):
+    """val_loss.png: {run: {seed: [(iter, val loss)]}} as one colour per run, its seeds faint, their mean bold."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("val_loss.png skipped: matplotlib is not installed (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")  # write files, need no display
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (run, by_seed) in enumerate(curves.items()):
+        for evals in by_seed.values():
+            ax.plot(*zip(*evals), color=f"C{i}", alpha=0.25, lw=0.8)
+        common = sorted(set.intersection(*(set(dict(e)) for e in by_seed.values()))) if by_seed else []
+        if common:  # the mean where every seed has an eval
+            ax.plot(common, [statistics.mean(dict(e)[it] for e in by_seed.values()) for it in common],
+                    color=f"C{i}", lw=1.8, label=f"{run} (mean of {len(by_seed)} seeds)")
+    points = [point for by_seed in curves.values() for evals in by_seed.values() for point in evals]
+    if points:  # the top leaves out the first tenth of training (loss ~ log(vocab)) so the differences show
+        last = max(it for it, _ in points)
+        top = max(v for it, v in points if it >= last / 10)
+        ax.set_ylim(top=top + 0.05 * (top - min(v for _, v in points)))
+        ax.legend()
+    ax.set(xlabel="iteration", ylabel="val loss", title=f"{out_root.name}: val loss (faint: single seeds)")
+    ax.grid(alpha=0.3)
+    fig.savefig(out_root / "val_loss.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {out_root / 'val_loss.png'}")
+
+
+def main(argv):
+    argv, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = Parser(prog="ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ablation", help="the ablation file, e.g. ablations/sigmoid_recipe.toml")
+    p.add_argument("--seeds", help="comma-separated seeds instead of the file's, e.g. 1337,1338")
+    p.add_argument("--only", help="comma-separated run names: run only these (the report covers every run)")
+    p.add_argument("--gpus", default="auto", help="auto (one run per visible GPU at a time) or ids like 0,1")
+    p.add_argument("--force", action="store_true", help="start every (run, seed) afresh, finished or not")
+    p.add_argument("--dry_run", action="store_true", help="check every config and print the commands; run nothing")
+    p.add_argument("--report_only", action="store_true", help="only write results.md and val_loss.png from the logs")
+    a = p.parse_args(argv)
+    for flag, value in (("--seeds", a.seeds), ("--gpus", None if a.gpus == "auto" else a.gpus)):
+        if value is not None and not re.fullmatch(r"\d+(,\d+)*", value):
+            fail(f"{flag} expects comma-separated integers like 0,1, got {value!r}")
+    try:
+        out_root, seeds, runs = load_ablation(a.ablation, extra)
+    except ConfigError as e:
+        fail(e)
+    only = a.only.split(",") if a.only else list(runs)
+    for name in (n for n in only if n not in runs):
+        close = difflib.get_close_matches(name, runs, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"it has {', '.join(runs)}"
+        fail(f"--only: no run {name!r} in {a.ablation}; {hint}")
+    chosen = [int(s) for s in a.seeds.split(",")] if a.seeds else seeds
+    jobs = [Job(run, seed, out_root, runs[run]) for run in runs if run in only for seed in chosen]
+    # the report covers every run and seed with a log, not only those --only and --seeds pick this time
+    reported = [Job(run, seed, out_root, runs[run]) for run in runs for seed in dict.fromkeys(seeds + chosen)]
+    if a.report_only:
+        report(a.ablation, out_root, reported)
+        return 0
+    todo = [job for job in jobs if a.force or not job.finished()]
+    for job in todo:
+        if not a.force and (job.out_dir / "ckpt.pt").is_file():
+            job.resume()
+    for job in jobs:
+        if job not in todo:
+            print(f"# finished, skipped: {job.shown}")
+        elif a.dry_run:
+            print(job.shown)
+    if a.dry_run:
+        return 0
+    failed, interrupted = run_all(todo, pick_gpus(a.gpus))
+    report(a.ablation, out_root, reported)
+    if interrupted:
+        print("interrupted: the same command again skips finished runs and resumes the others", file=sys.stderr)
+        return 130
+    if failed:
+        names = ", ".join(f"{j.run}/seed{j.seed}" for j in failed)
+        print(f"{len(failed)} of {len(todo)} runs failed: {names}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # before or after the runs (run_all handles it during them)
+        sys.exit(130)

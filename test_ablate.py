@@ -1,0 +1,124 @@
+"""ablate.py end to end on the CPU: a 2-run x 2-seed ablation of a tiny model, each ablate.py a subprocess."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prepare_data import prepare
+
+REPO = Path(__file__).resolve().parent
+TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_interval=3, eval_iters=1,
+            log_interval=1, warmup_iters=2, lr_decay_iters=6, compile=False, device="cpu", sample_tokens=0,
+            log_attn_norm=True)
+RUNS = '[softmax]\nattn = "softmax"\n\n[sigmoid]\nattn = "sigmoid"\nqk_norm = true\n'
+EXTRA = ["--", "--max_iters=6"]  # given on the command line: the skip check must use it too
+
+
+def toml_value(v):
+    return str(v).lower() if isinstance(v, bool) else f'"{v}"' if isinstance(v, str) else str(v)
+
+
+def write_ablation(tmp, runs=RUNS, name="ablation.toml", **overrides):
+    settings = {**TINY, "dataset": "tiny", "data_dir": str(tmp / "data"), **overrides}
+    text = (f'base = ["presets/shakespeare_char_cpu.toml"]\nout_root = "{tmp / "out"}"\nseeds = [1, 2]\n\n'
+            "[overrides]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items()) + "\n" + runs)
+    (tmp / name).write_text(text)
+    return tmp / name
+
+
+def ablate(*args, timeout=120):
+    return subprocess.run([sys.executable, "ablate.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """One finished ablation: (its folder, its ablation file, the first ablate.py's result)."""
+    tmp = tmp_path_factory.mktemp("ablate")
+    (tmp / "tiny.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 40)
+    prepare(None, data_dir=tmp / "data", input_path=tmp / "tiny.txt", tokenizer="char")
+    path = write_ablation(tmp)
+    return tmp, path, ablate(path, *EXTRA)
+
+
+def test_ablation_runs_every_seed_and_writes_the_report(done):
+    tmp, _, result = done
+    assert result.returncode == 0, result.stderr
+    for run in ("softmax", "sigmoid"):
+        for seed in (1, 2):
+            out_dir = tmp / "out" / run / f"seed{seed}"
+            assert (out_dir / "log.jsonl").is_file() and (out_dir / "ckpt.pt").is_file()
+            assert (out_dir / "train.out").read_text().startswith(f"$ python train.py ")
+            assert f"--out_dir={out_dir} --seed={seed}" in result.stdout  # the command, printed to rerun it
+    table = (tmp / "out" / "results.md").read_text()
+    for run in ("softmax", "sigmoid"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {run} |"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[1] == "1, 2" and cells[2] == "6"  # seeds, last eval iter
+        float(cells[3].split()[0]), float(cells[4].split()[0])  # best and final val loss are numbers
+        assert ".." in cells[3] and "--max_iters=6" in cells[7]  # (min..max) spread; the command
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib not installed: val_loss.png is not made")
+    assert (tmp / "out" / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(done):
+    tmp, path, _ = done
+    cut = tmp / "out" / "softmax" / "seed2" / "log.jsonl"  # as if killed before its last eval, after a checkpoint
+    cut.write_text("".join(cut.read_text().splitlines(keepends=True)[:-1]))
+    logs = {p: p.stat().st_mtime_ns for p in (tmp / "out").glob("*/seed*/log.jsonl") if p != cut}
+    result = ablate(path, *EXTRA)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("# finished, skipped: python train.py") == 3
+    assert f"--out_dir={cut.parent} --seed=2 --init_from=resume" in result.stdout
+    assert '"iter": 6, "train_loss"' in cut.read_text().splitlines()[-1]
+    assert len(logs) == 3 and all(p.stat().st_mtime_ns == t for p, t in logs.items())
+
+
+def test_report_only_rebuilds_the_report_from_earlier_logs(done):
+    tmp, path, _ = done
+    (tmp / "out" / "results.md").unlink()
+    result = ablate(path, "--report_only", "--only=sigmoid", *EXTRA)  # the report still covers every run
+    assert result.returncode == 0, result.stderr
+    table = (tmp / "out" / "results.md").read_text()
+    assert "| sigmoid | 1, 2 | 6 |" in table and "| softmax | 1, 2 | 6 |" in table
+    assert "python train.py" not in result.stdout.replace("`", "")  # nothing ran
+
+
+def test_misspelt_key_is_refused_up_front_naming_the_run(tmp_path):
+    path = write_ablation(tmp_path, runs=RUNS + '\n[sigmoid_b0]\nattn = "sigmoid"\nqk_nrom = true\n')
+    result = ablate(path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: run 'sigmoid_b0': unknown config key 'qk_nrom'; did you mean 'qk_norm'?"]
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only=softmx"], "did you mean 'softmax'?"),
+    (["--seeds=1,x"], "--seeds expects comma-separated integers"),
+    (["--", "--learnig_rate=1"], "did you mean 'learning_rate'?"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
+    result = ablate(write_ablation(tmp_path), *args)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_failing_run_is_reported_and_the_others_continue(done, tmp_path):
+    tmp, _, _ = done
+    runs = '[missing_data]\ndataset = "nonexistent"\n\n[softmax]\nattn = "softmax"\n'
+    path = write_ablation(tmp_path, runs=runs, data_dir=str(tmp / "data"), max_iters=3)
+    result = ablate(path, "--seeds=1")
+    assert result.returncode == 1
+    assert "FAILED missing_data seed 1" in result.stderr and "1 of 2 runs failed" in result.stderr
+    assert "| softmax | 1 | 3 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("name, n_runs", [("sigmoid_recipe.toml", 6), ("long_context.toml", 4)])
+def test_shipped_ablation_files_validate(name, n_runs):
+    result = ablate(f"ablations/{name}", "--dry_run")
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if "python train.py" in line]
+    assert len(commands) == n_runs * 2  # every run x 2 seeds, each config loaded and checked
