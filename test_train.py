@@ -1,0 +1,331 @@
+"""train.py end to end on the CPU: tiny models on a tiny made-up text, each run a subprocess."""
+import importlib.util
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from prepare_data import prepare
+
+REPO = Path(__file__).resolve().parent
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+        "--dropout=0", "--compile=false", "--sample_tokens=0", "--log_interval=1", "--warmup_iters=5",
+        "--learning_rate=3e-3", "--lr_decay_iters=100"]
+TIMING = ("ms_per_iter", "tokens_per_s", "mfu")  # the only log fields that differ between equal runs
+
+
+def make_text(seed, words, n_chars=40_000):
+    """Sentences of random words: a text a tiny model learns something about in a few steps."""
+    rng, lines = random.Random(seed), []
+    while sum(map(len, lines)) < n_chars:
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + ".\n")
+    return "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """data/tiny (lower-case words) and data/other (upper-case words: another vocabulary)."""
+    root = tmp_path_factory.mktemp("data")
+    for name, words in (("tiny", "the king queen of and to my lord thou art love death sweet night day".split()),
+                        ("other", "WHAT IS THIS NOW SIR GOOD MADAM NAY AY".split())):
+        (root / f"{name}.txt").write_text(make_text(0, words))
+        prepare(name, root / "data", input_path=root / f"{name}.txt", tokenizer="char")
+    return root / "data"
+
+
+def train(data_dir, out_dir, *args, timeout=120, env=None):
+    return subprocess.run(command(data_dir, out_dir, *args), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def command(data_dir, out_dir, *args, launcher=(sys.executable,)):
+    return [*launcher, "train.py", "presets/shakespeare_char_cpu.toml", *TINY, "--dataset=tiny",
+            f"--data_dir={data_dir}", f"--out_dir={out_dir}", *args]
+
+
+def log(out_dir):
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def error_line(result, code=1):
+    assert result.returncode == code, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A finished 10-step run; tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    result = train(data_dir, out, "--max_iters=10", "--eval_interval=5")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def copy_of(trained, tmp_path):
+    return Path(shutil.copytree(trained, tmp_path / "out"))
+
+
+def wait_for(condition, proc, what, timeout=60):
+    end = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"train.py exited ({proc.returncode}) before {what}"
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def n_lines(path):
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+# ----------------------------------------------------------------------------- training works
+
+@pytest.mark.parametrize("attn", ["softmax", "sigmoid"])
+def test_a_few_steps_lower_the_loss(data_dir, tmp_path, attn):
+    result = train(data_dir, tmp_path / "out", f"--attn={attn}", "--max_iters=60", "--eval_interval=60",
+                   "--log_interval=10", "--sample_tokens=20")
+    assert result.returncode == 0, result.stderr
+    records = log(tmp_path / "out")
+    assert [r["iter"] for r in records] == [0, 10, 20, 30, 40, 50, 60]
+    first, last = records[0], records[-1]
+    assert last["val_loss"] < first["val_loss"] - 0.4 and records[-2]["loss"] < first["loss"] - 0.4
+    assert set(first) == {"iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "mfu", "train_loss", "val_loss"}
+    assert first["mfu"] is None  # no known peak on a CPU
+    assert "iter 10: loss " in result.stdout and "mfu n/a" in result.stdout
+    assert f"best val loss {last['val_loss']:.4f}" in result.stdout and "sample of 20 tokens:" in result.stdout
+    ckpt = load(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["iter_num"] == 60 and ckpt["model_args"]["attn"] == attn and ckpt["dataset_meta"]["name"] == "tiny"
+    assert ckpt["config"]["max_iters"] == 60 and set(ckpt["rng"]) == {"torch", "train_data", "eval_data"}
+
+
+def test_attention_norms_are_logged(data_dir, tmp_path):
+    result = train(data_dir, tmp_path / "out", "--attn=sigmoid", "--log_attn_norm", "--max_iters=2", "--eval_interval=10")
+    assert result.returncode == 0, result.stderr
+    assert all(len(r["attn_out_norm"]) == 2 for r in log(tmp_path / "out") if "loss" in r)
+    assert "attn out norm " in result.stdout
+
+
+def test_resume_continues_bit_exact(data_dir, tmp_path):
+    """20 steps straight == 10 steps, stop, resume to 20: the same losses to the last bit (dropout on,
+    2 micro-steps per step, so the RNG, optimizer and data-stream states all have to come back)."""
+    args = ["--dropout=0.1", "--gradient_accumulation_steps=2", "--eval_interval=10", "--always_save_checkpoint",
+            "--lr_decay_iters=20"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(data_dir, straight, *args, "--max_iters=20").returncode == 0
+    assert train(data_dir, resumed, *args, "--max_iters=10").returncode == 0
+    assert load(resumed / "ckpt.pt")["iter_num"] == 10
+    result = train(data_dir, resumed, *args, "--max_iters=20", "--init_from=resume")
+    assert result.returncode == 0, result.stderr
+    expected = without_timing(log(straight))
+    assert [r["iter"] for r in expected] == list(range(21))
+    assert without_timing(log(resumed)) == expected
+
+
+def test_eval_only_reports_the_checkpoint_without_writing(data_dir, trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    before = (out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_text()
+    result = train(data_dir, out, "--init_from=resume", "--eval_only")
+    assert result.returncode == 0, result.stderr
+    assert "iter 10: train loss" in result.stdout and "best val loss" in result.stdout
+    assert ((out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_text()) == before
+
+
+def test_default_preset_and_dataset_are_prepared(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
+                             "--max_iters=0", "--eval_iters=1", "--sample_tokens=5"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "no preset given: using presets/shakespeare_char" in result.stdout
+    assert (tmp_path / "data" / "shakespeare_char" / "meta.json").is_file()
+    assert "sample of 5 tokens:" in result.stdout
+
+
+# ----------------------------------------------------------------------------- interruptions and faults
+
+def test_kill_9_during_training_keeps_a_loadable_checkpoint(data_dir, tmp_path):
+    """kill -9 at two moments, one while a checkpoint is being written (it writes one every step)."""
+    out = tmp_path / "out"
+    cmd = command(data_dir, out, "--max_iters=150", "--eval_interval=1", "--always_save_checkpoint")
+    for moment in ("after some steps", "during a checkpoint write"):
+        start = n_lines(out / "log.jsonl")
+        with open(tmp_path / "stdout", "w") as stdout:
+            proc = subprocess.Popen(cmd + ["--init_from=resume"] * (moment != "after some steps"), cwd=REPO,
+                                    stdout=stdout, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: (out / "ckpt.pt").exists() and n_lines(out / "log.jsonl") >= start + 5, proc, "5 steps")
+            if moment == "during a checkpoint write":
+                wait_for(lambda: (out / "ckpt.pt.tmp").exists(), proc, "a checkpoint write")
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL, (tmp_path / "stdout").read_text()
+        assert load(out / "ckpt.pt")["iter_num"] >= 1
+    result = subprocess.run(cmd + ["--init_from=resume"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    records = log(out)
+    assert [r["iter"] for r in records] == list(range(151))  # the log was cut back to the checkpoint: no gaps, no repeats
+    assert load(out / "ckpt.pt")["iter_num"] == 150
+
+
+def test_ctrl_c_keeps_last_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(command(data_dir, out, "--max_iters=100000", "--eval_interval=5"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (out / "ckpt.pt").exists() and n_lines(out / "log.jsonl") >= 12, proc, "a checkpoint")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    iter_num = load(out / "ckpt.pt")["iter_num"]
+    assert f"the last good checkpoint is {out / 'ckpt.pt'} (iter {iter_num})" in stderr
+    assert stderr.strip().endswith("--init_from=resume") and not (out / "ckpt.pt.tmp").exists()
+
+
+def test_nan_loss_stops_with_one_line(data_dir, trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    before = (out / "ckpt.pt").read_bytes()
+    result = train(data_dir, out, "--init_from=resume", "--max_iters=30", "--eval_interval=2", "--always_save_checkpoint",
+                   "--learning_rate=1e30", "--min_lr=1e30", "--warmup_iters=0")
+    line = error_line(result)
+    assert "loss became nan at iter 11" in line or "loss became inf at iter 11" in line, line
+    assert f"the last good checkpoint is {out / 'ckpt.pt'} (iter 10)" in line
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_full_disk_keeps_the_old_checkpoint(data_dir, trained, tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full to simulate a full disk")
+    out = copy_of(trained, tmp_path)
+    before = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt.tmp").symlink_to("/dev/full")  # the checkpoint is written here first: every write fails
+    line = error_line(train(data_dir, out, "--init_from=resume", "--max_iters=12", "--eval_interval=2"))
+    assert "could not write" in line and "No space left on device" in line and "previous checkpoint is kept" in line
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_unwritable_out_dir(data_dir, tmp_path):
+    (tmp_path / "file").write_text("a file, so no folder can be made under it (chmod can't stop root)")
+    line = error_line(train(data_dir, tmp_path / "file" / "out", "--max_iters=1"))
+    assert "cannot write to --out_dir" in line and "Not a directory" in line
+
+
+# ----------------------------------------------------------------------------- user errors: one line each
+
+def test_missing_dataset_prints_the_command(data_dir, tmp_path):
+    line = error_line(train(data_dir, tmp_path / "out", "--dataset=nosuch"))
+    assert "meta.json not found" in line and "python prepare_data.py --input=PATH --name=nosuch" in line
+    line = error_line(train(tmp_path / "empty", tmp_path / "out", "--dataset=tinyshakespeare"))
+    assert "python prepare_data.py tinyshakespeare" in line
+
+
+def test_truncated_bin_is_one_line(data_dir, tmp_path):
+    shutil.copytree(data_dir / "tiny", tmp_path / "data" / "tiny")
+    train_bin = tmp_path / "data" / "tiny" / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[:-1])
+    line = error_line(train(tmp_path / "data", tmp_path / "out"))
+    assert "train.bin is truncated or corrupt" in line and "--force" in line
+
+
+def test_resume_from_other_architecture_is_one_line(data_dir, trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    line = error_line(train(data_dir, out, "--init_from=resume", "--n_layer=3", "--attn=sigmoid"))
+    assert "another architecture" in line and "n_layer=2, attn=softmax" in line and "n_layer=3, attn=sigmoid" in line
+    line = error_line(train(data_dir, out, "--init_from=resume", "--dataset=other"))
+    assert "another dataset" in line and "'tiny'" in line and "'other'" in line
+    assert train(data_dir, out, "--init_from=resume", "--dropout=0.1", "--max_iters=11").returncode == 0
+
+
+def test_resume_without_checkpoint(data_dir, tmp_path):
+    line = error_line(train(data_dir, tmp_path / "out", "--init_from=resume"))
+    assert f"no checkpoint at {tmp_path / 'out' / 'ckpt.pt'}" in line
+
+
+def test_gpt2_init_is_one_line_without_its_dataset_or_weights(data_dir, tmp_path):
+    line = error_line(train(data_dir, tmp_path / "out", "--init_from=gpt2"))
+    assert "needs a GPT-2-tokenized dataset" in line
+    (tmp_path / "t.txt").write_text(make_text(0, ["to", "be", "or", "not"], 2000))
+    prepare("bpe", tmp_path / "data", input_path=tmp_path / "t.txt", tokenizer="gpt2")  # TIKTOKEN_CACHE_DIR: conftest.py
+    line = error_line(train(tmp_path / "data", tmp_path / "out", "--init_from=gpt2", "--dataset=bpe"))
+    assert "pip install transformers" in line or "could not get the gpt2 weights" in line  # no network here
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_wandb_missing_is_one_line(data_dir, tmp_path):
+    assert "pip install wandb" in error_line(train(data_dir, tmp_path / "out", "--wandb_log"), code=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_requested_without_gpu(data_dir, tmp_path):
+    line = error_line(train(data_dir, tmp_path / "out", "--device=cuda"), code=2)
+    assert "--device=cuda" in line and "no CUDA GPU" in line and not (tmp_path / "out").exists()
+    line = error_line(train(data_dir, tmp_path / "out", "--dtype=float16"), code=2)
+    assert "float16 is for CUDA GPUs" in line
+
+
+def test_bad_config_key_exit_2(data_dir, tmp_path):
+    line = error_line(train(data_dir, tmp_path / "out", "--learnig_rate=1e-3"), code=2)
+    assert "did you mean 'learning_rate'?" in line
+    line = error_line(train(data_dir, tmp_path / "out", "--n_embd=33"), code=2)  # attention.check_attention_config
+    assert "not divisible by n_head" in line
+    line = error_line(train(data_dir, tmp_path / "out", "--eval_interval=0"), code=2)
+    assert "--eval_interval must be at least 1" in line
+
+
+def test_help_lists_keys():
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--attn=<str>" in result.stdout and "--init_from=<str>" in result.stdout
+
+
+# ----------------------------------------------------------------------------- DDP on CPU (gloo)
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+def test_ddp_two_cpu_processes_match_one_process(data_dir, tmp_path):
+    """2 ranks x 1 micro-step == 1 process x 2 micro-steps: the same batches, so the same losses."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--gradient_accumulation_steps=2", "--max_iters=10", "--eval_interval=5", "--backend=gloo"]
+    single = subprocess.run(command(data_dir, tmp_path / "one", *args), cwd=REPO, capture_output=True, text=True,
+                            timeout=240, env=env)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(command(data_dir, tmp_path / "two", *args, launcher=TORCHRUN), cwd=REPO, capture_output=True,
+                         text=True, timeout=240, env=env)
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    assert "(2 ranks x 1 x 4 x 32)" in ddp.stdout and ddp.stdout.count("best val loss") == 1  # rank 0 alone prints
+    one, two = without_timing(log(tmp_path / "one")), without_timing(log(tmp_path / "two"))
+    assert [r.keys() for r in one] == [r.keys() for r in two] and len(one) == 11
+    for a, b in zip(one, two):
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["iter"], key)
+    assert load(tmp_path / "two" / "ckpt.pt")["iter_num"] == 10
+
+
+def test_ddp_rank_failure_exits_all_ranks(data_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIGMOID_GPT_FAIL_RANK": "1"}
+    start = time.time()
+    result = subprocess.run(command(data_dir, tmp_path / "out", "--max_iters=1000", "--gradient_accumulation_steps=2",
+                                    launcher=TORCHRUN),
+                            cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode != 0
+    assert "[rank 1]" in result.stderr and "failing on purpose" in result.stderr
+    assert time.time() - start < 120
