@@ -82,7 +82,7 @@ class TrainConfig:
     dtype: str = opt("auto", "auto = bfloat16 where supported, else float16 on CUDA, float32 on CPU",
                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = opt(True, "torch.compile the model")
-    seed: int = opt(1337, "random seed (each rank adds its rank)")
+    seed: int = opt(1337, "random seed; each rank adds its rank for dropout (the data stream is the same on every rank)")
     backend: str = opt("nccl", "DDP backend; gloo is forced on CPU", choices=("nccl", "gloo"))
 
 
