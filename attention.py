@@ -212,7 +212,8 @@ class CausalSelfAttention(nn.Module):
         args = dict(causal=True, sigmoid_bias=self.sigmoid_bias, alibi_slopes=slopes)
         fused = self.backend == "triton" or (self.backend == "auto" and q.is_cuda and self.kernel_fits)
         if fused and q.size(2) == k.size(2):  # decoding (fewer queries than keys) uses the reference
-            return flash_sigmoid.flash_sigmoid(q, k, v, **args)
+            # under autocast QK-norm's LayerNorm returns float32 while v is bf16: one dtype for the kernel
+            return flash_sigmoid.flash_sigmoid(q.to(v.dtype), k.to(v.dtype), v, **args)
         return flash_sigmoid.sigmoid_attention_reference(q, k, v, **args)
 
     def crop_block_size(self, block_size):
