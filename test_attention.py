@@ -129,14 +129,17 @@ def test_triton_backend_matches_torch_backend(case):
 
 @pytest.mark.skipif(not (flash_sigmoid.INTERPRET or torch.cuda.is_available()), reason="needs TRITON_INTERPRET=1 or a GPU")
 def test_qk_norm_under_autocast_reaches_the_kernel_in_one_dtype():
-    """Autocast runs LayerNorm in float32 and the projections in half precision: QK-norm used to hand
-    the kernel float32 q, k beside a half v (a crash on the first GPU run)."""
+    """CUDA autocast runs LayerNorm in float32 and the projections in half precision, so QK-norm
+    handed the kernel float32 q, k beside a half v (a crash on the first GPU run). CPU autocast keeps
+    LayerNorm in half, so here the norms are made to return float32 as they do on CUDA."""
     device = "cpu" if flash_sigmoid.INTERPRET else "cuda"
     half = torch.float16 if device == "cpu" else torch.bfloat16  # the interpreter has no bfloat16
     outputs = []
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
         layer = CausalSelfAttention(tiny_config(attn="sigmoid", n_embd=64, qk_norm=True, sigmoid_backend=backend)).to(device)
+        layer.q_norm = torch.nn.Sequential(layer.q_norm, Float32())
+        layer.k_norm = torch.nn.Sequential(layer.k_norm, Float32())
         x = torch.randn(2, 13, 64, device=device, requires_grad=True)
         with torch.autocast(device, dtype=half):
             y = layer(x)
@@ -144,6 +147,11 @@ def test_qk_norm_under_autocast_reaches_the_kernel_in_one_dtype():
         outputs.append((y.float(), x.grad))
     for torch_result, triton_result in zip(*outputs):
         torch.testing.assert_close(triton_result, torch_result, rtol=2e-2, atol=2e-2)
+
+
+class Float32(torch.nn.Module):
+    def forward(self, x):
+        return x.float()
 
 
 def test_learnable_sigmoid_bias_gets_a_gradient():
