@@ -8,6 +8,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import flash_sigmoid as fs
@@ -144,3 +146,24 @@ def test_bad_input_is_one_clear_value_error():
             assert words in str(e.value)
     with pytest.raises(ValueError, match=r"sigmoid_bias must be a \(4,\) tensor"):
         fs.flash_sigmoid(q, k, v, sigmoid_bias=torch.zeros(3))
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), H_kv=st.integers(1, 2), group=st.integers(1, 2), T=st.integers(1, 40),
+       D=st.sampled_from([16, 32]), causal=st.booleans(), alibi=st.booleans(),
+       bias=st.floats(-8.0, 3.0), seed=st.integers(0, 2**16))
+def test_kernel_equals_float64_on_random_shapes_and_biases(B, H_kv, group, T, D, causal, alibi, bias, seed):
+    H = H_kv * group
+    q, k, v = make_inputs(B, H, H_kv, T, D, torch.float32, seed)
+    slopes = torch.rand(H, device=DEVICE) if alibi else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    poisoned_cache()
+    out = fs.flash_sigmoid(*leaves, causal=causal, sigmoid_bias=bias, alibi_slopes=slopes)
+    do = torch.randn_like(out)
+    out.backward(do)
+    ref_leaves = [t.double().cpu().requires_grad_() for t in (q, k, v)]
+    ref = sigmoid_attention_f64(*ref_leaves, causal, [bias] * H, slopes)
+    ref.backward(do.double().cpu())
+    assert rel_err(out.cpu(), ref) < 1e-5
+    for got, want in zip(leaves, ref_leaves):
+        assert rel_err(got.grad.cpu(), want.grad) < 1e-5
