@@ -7,6 +7,7 @@ LayerScale (Touvron et al. 2021, CaiT).
 """
 import inspect
 import math
+import pickle
 from dataclasses import dataclass, fields
 
 import torch
@@ -18,6 +19,18 @@ from attention import CausalSelfAttention, KVCache
 
 class ModelLoadError(RuntimeError):
     """A checkpoint or pretrained weights can't be loaded; the message is one line saying why."""
+
+
+def load_checkpoint_file(path, map_location="cpu"):
+    """torch.load with weights_only=True: tensors and plain data only, so a checkpoint cannot run code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelLoadError(f"refused {path}: it holds Python objects besides tensors and plain data, and loading "
+                             "those could run code; use a checkpoint written by train.py") from None
+    except Exception as e:  # truncated, or not a torch file at all
+        raise ModelLoadError(f"cannot read {path} ({' '.join(str(e).split())[:120]}): is it a complete "
+                             "checkpoint written by train.py?") from None
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from configurable import opt, parse_args
-from model import GPT, ModelLoadError
+from model import GPT, ModelLoadError, load_checkpoint_file
 from prepare_data import DataError, tokenizer_from_meta
 
 
@@ -52,9 +52,9 @@ def main(argv=None):
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated file, not a checkpoint, ...
-        fail(f"cannot read {path} ({' '.join(str(e).split())[:200]}): is it a train.py checkpoint?")
+        ckpt = load_checkpoint_file(path, map_location=device)
+    except ModelLoadError as e:
+        fail(str(e))
     try:  # backend auto: the Triton kernel where it can run, the torch reference elsewhere (same math)
         model = GPT.from_checkpoint(ckpt, override_args=dict(sigmoid_backend="auto"))
     except ModelLoadError as e:

@@ -178,6 +178,15 @@ def test_truncated_bin_is_reported(small, capsys):
     assert "wrote" in capsys.readouterr().out and len(check_bin(small, load_meta(small), "val")) == meta["val_tokens"]
 
 
+def test_wrong_dtype_bin_is_reported(small):
+    """A .bin written as uint32 where meta.json says uint16 has twice the bytes: refused, not misread."""
+    meta = load_meta(small)
+    ids = np.fromfile(small / "train.bin", dtype=np.uint16).astype(np.uint32)
+    ids.tofile(small / "train.bin")
+    with pytest.raises(DataError, match=r"train.bin is truncated or corrupt .*uint16.*--force"):
+        check_bin(small, meta, "train")
+
+
 def test_missing_meta_says_which_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError) as e:

@@ -78,3 +78,21 @@ def test_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys):
     torch.save(ckpt, tmp_path / "ckpt.pt")
     code, err = run_main([f"--out_dir={tmp_path}"], capsys)
     assert code == 1 and err.count("\n") == 1 and "another model version" in err
+
+
+class RunsCode:
+    """Unpickling this would call os.system: a checkpoint must never be able to do that."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    torch.save({"model": RunsCode(marker)}, tmp_path / "ckpt.pt")
+    code, err = run_main([f"--out_dir={tmp_path}"], capsys)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: ")
+    assert not marker.exists()

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from attention import check_attention_config
 from configurable import ConfigError, TrainConfig, config_to_dict, load_config, parse_args, split_argv
-from model import GPT, GPTConfig, ModelLoadError
+from model import GPT, GPTConfig, ModelLoadError, load_checkpoint_file
 from prepare_data import DataError, check_bin, load_meta, prepare, tokenizer_from_meta
 
 HERE = Path(__file__).resolve().parent
@@ -145,9 +145,9 @@ def load_checkpoint(path):
         raise TrainError(f"--init_from=resume but there is no checkpoint at {path}: "
                          f"point --out_dir at the run to resume, or start one with --init_from=scratch")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a checkpoint, or holding objects weights_only refuses
-        raise TrainError(f"cannot read {path} ({' '.join(str(e).split())[:200]}): is it a train.py checkpoint?") from None
+        ckpt = load_checkpoint_file(path)
+    except ModelLoadError as e:
+        raise TrainError(str(e)) from None
     missing = [k for k in ("model", "optimizer", "model_args", "dataset_meta", "iter_num", "best_val_loss", "rng")
                if k not in ckpt] if isinstance(ckpt, dict) else ["everything"]
     if missing:
