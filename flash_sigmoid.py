@@ -177,7 +177,8 @@ if triton is not None:
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST: tl.constexpr):
         start_m = tl.program_id(0) * BLOCK_M
-        b, h = tl.program_id(1) // H, tl.program_id(1) % H
+        bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D may pass 2^31
+        b, h = bh // H, bh % H
         hk = h // GROUP  # the key/value head this query head reads
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -222,7 +223,8 @@ if triton is not None:
                 db += tl.sum(tl.sum(dsT, axis=1), axis=0)
         return dk, dv, db
 
-    @triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY)
+    # every candidate writes its own number of key-block rows of DBias: zero it before each try
+    @triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY, reset_to_zero=["DBias"])
     @triton.jit
     def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Bias, Slopes, DBias,
                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -233,7 +235,8 @@ if triton is not None:
                          FAST: tl.constexpr):
         H_kv = H // GROUP
         start_n = tl.program_id(0) * BLOCK_N
-        b, hk = tl.program_id(1) // H_kv, tl.program_id(1) % H_kv
+        bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D may pass 2^31
+        b, hk = bh // H_kv, bh % H_kv
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
@@ -293,7 +296,8 @@ if triton is not None:
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST: tl.constexpr):
         start_m = tl.program_id(0) * BLOCK_M
-        b, h = tl.program_id(1) // H, tl.program_id(1) % H
+        bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D may pass 2^31
+        b, h = bh // H, bh % H
         hk = h // GROUP
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)

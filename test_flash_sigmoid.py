@@ -127,6 +127,24 @@ def test_strided_views_of_one_qkv_tensor():
     assert rel_err(got.cpu(), qkv64.grad) < 2e-6
 
 
+def test_bias_gradient_is_right_on_the_first_call_while_autotuning(monkeypatch):
+    """The autotuner runs every dK/dV candidate on one partial-sum buffer; a winner with bigger key
+    blocks writes fewer rows, so rows a loser wrote must not survive into d bias."""
+    import triton
+    monkeypatch.setattr(fs._bwd_dkdv_kernel, "configs", [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}),
+                                                         triton.Config({"BLOCK_M": 16, "BLOCK_N": 32})])
+    monkeypatch.setattr(fs._bwd_dkdv_kernel, "cache", {})
+    times = iter([2.0, 1.0])  # the 32-wide candidate wins, after the 16-wide one wrote more rows
+    # do_bench is a cached property that asks the (absent) GPU driver: set the cached value itself
+    monkeypatch.setitem(vars(fs._bwd_dkdv_kernel), "do_bench", lambda fn, quantiles=None: (fn(), [next(times)] * 3)[1])
+    q, k, v = make_inputs(1, 2, 2, 64, 16, torch.float32, 21)
+    bias = torch.full((2,), -2.0, device=DEVICE, requires_grad=True)
+    got = torch.autograd.grad(fs.flash_sigmoid(q, k, v, sigmoid_bias=bias).sum(), bias)[0]
+    ref_bias = bias.detach().double().cpu().requires_grad_()
+    want = torch.autograd.grad(sigmoid_attention_f64(q, k, v, True, ref_bias).sum(), ref_bias)[0]
+    assert rel_err(got.cpu(), want) < 1e-5
+
+
 def test_bad_input_is_one_clear_value_error():
     q, k, v = make_inputs(1, 4, 2, 16, 16, torch.float32, 1)
     bad = [
