@@ -105,7 +105,8 @@ class Job:
     def __init__(self, run, seed, out_root, args):
         self.run, self.seed, self.out_dir = run, seed, Path(out_root) / run / f"seed{seed}"
         args = args + [f"--out_dir={self.out_dir}", f"--seed={seed}"]
-        self.max_iters = load_config(args).max_iters
+        cfg = load_config(args)
+        self.max_iters, self.resuming = cfg.max_iters, cfg.init_from == "resume"
         self.argv = [sys.executable, str(HERE / "train.py"), *args]
         self.shown = shlex.join(["python", os.path.relpath(HERE / "train.py"), *args])  # what a user can paste
 
@@ -115,6 +116,7 @@ class Job:
         return [json.loads(line) for line in lines if line.endswith("}")]  # a killed run's last line may be cut short
 
     def resume(self):  # an unfinished run with a checkpoint goes on from it (train.py resumes exactly)
+        self.resuming = True
         self.argv.append("--init_from=resume")
         self.shown += " --init_from=resume"
 
@@ -126,6 +128,9 @@ class Job:
         """train.py in a subprocess, its output to out_dir/train.out (and to the terminal if echo).
         Returns its exit status."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not self.resuming:  # a fresh start (or --force): should it stop, a rerun must not resume the old checkpoint
+            for name in ("ckpt.pt", "log.jsonl"):
+                (self.out_dir / name).unlink(missing_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **({} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}))
         with open(self.out_dir / "train.out", "w", buffering=1) as out:  # line-buffered: tail -f shows progress
             out.write(f"$ {self.shown}\n")

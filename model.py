@@ -15,10 +15,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import CausalSelfAttention, KVCache
+from configurable import ConfigError
 
 
 class ModelLoadError(RuntimeError):
     """A checkpoint or pretrained weights can't be loaded; the message is one line saying why."""
+
+
+def resolve_device(name):
+    """--device (auto, cpu, cuda, cuda:N or mps) -> (device, device type), checked against the hardware
+    for train.py and sample.py; raises ConfigError."""
+    device = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device expects auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name} but torch {torch.__version__} sees no CUDA GPU: use --device=cpu or auto")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device=mps but MPS is not available here: use --device=cpu or auto")
+    return device, kind
 
 
 def load_checkpoint_file(path, map_location="cpu"):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from configurable import opt, parse_args
-from model import GPT, ModelLoadError, load_checkpoint_file
+from configurable import ConfigError, opt, parse_args
+from model import GPT, ModelLoadError, load_checkpoint_file, resolve_device
 from prepare_data import DataError, tokenizer_from_meta
 
 
@@ -30,18 +30,33 @@ class SampleConfig:
     compile: bool = opt(False, "torch.compile the model's forward (slow first call; helps long runs on GPU)")
 
 
-def fail(message):
+def fail(message, code=1):
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(code)
+
+
+def check_config(cfg):
+    """The ranges parse_args can't know; raises ConfigError."""
+    for key in ("num_samples", "max_new_tokens"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("top_k", "temperature"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"--{key} must be 0 or more, got {getattr(cfg, key)}")
+    if not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"--top_p must be more than 0 and at most 1 (1.0 = all tokens), got {cfg.top_p}")
 
 
 def main(argv=None):
     cfg = parse_args(argv, SampleConfig, prog="sample.py", description="Sample text from a trained checkpoint.")
+    try:
+        check_config(cfg)
+        device, device_type = resolve_device(cfg.device)
+    except ConfigError as e:  # a config mistake: exit 2, as parse_args does
+        fail(e, code=2)
     path = Path(cfg.out_dir) / "ckpt.pt"
     if not path.is_file():
         fail(f"no checkpoint at {path}: train first with python train.py")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    device_type = "cuda" if "cuda" in device else device.split(":")[0]
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"

@@ -122,3 +122,16 @@ def test_shipped_ablation_files_validate(name, n_runs):
     assert result.returncode == 0, result.stderr
     commands = [line for line in result.stdout.splitlines() if "python train.py" in line]
     assert len(commands) == n_runs * 2  # every run x 2 seeds, each config loaded and checked
+
+
+def test_forced_run_removes_the_old_checkpoint_first(done, tmp_path):
+    """Else a forced run that stops early would leave the old ckpt.pt, and the next rerun resume from it."""
+    tmp, _, _ = done
+    path = write_ablation(tmp_path, data_dir=str(tmp / "data"), max_iters=0)  # iter 0 writes no checkpoint
+    old = tmp_path / "out" / "softmax" / "seed1"
+    old.mkdir(parents=True)
+    (old / "ckpt.pt").write_bytes(b"an older run's checkpoint")
+    (old / "log.jsonl").write_text('{"iter": 0}\n')
+    result = ablate(path, "--force", "--only=softmax", "--seeds=1")
+    assert result.returncode == 0, result.stderr
+    assert not (old / "ckpt.pt").exists()

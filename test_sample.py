@@ -65,6 +65,23 @@ def test_missing_checkpoint_is_one_line_exit_1(tmp_path, capsys):
     assert err == f"error: no checkpoint at {tmp_path / 'out' / 'ckpt.pt'}: train first with python train.py\n"
 
 
+@pytest.mark.parametrize("arg, message", [
+    ("--top_k=-1", "--top_k must be 0 or more"),
+    ("--temperature=-0.5", "--temperature must be 0 or more"),
+    ("--top_p=0", "--top_p must be more than 0 and at most 1"),
+    ("--top_p=1.5", "--top_p must be more than 0 and at most 1"),
+    ("--num_samples=0", "--num_samples must be at least 1"),
+    ("--max_new_tokens=0", "--max_new_tokens must be at least 1"),
+    ("--device=gpu", "--device expects auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    pytest.param("--device=cuda", "--device=cuda but", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                                 reason="this machine has a GPU")),
+])
+def test_bad_setting_is_one_line_exit_2_before_the_checkpoint_is_read(tmp_path, capsys, arg, message):
+    write_checkpoint(tmp_path)
+    code, err = run_main([f"--out_dir={tmp_path}", "--max_new_tokens=2", "--num_samples=1", arg], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+
+
 def test_prompt_outside_the_vocabulary_is_one_line(tmp_path, capsys):
     write_checkpoint(tmp_path)
     code, err = run_main([f"--out_dir={tmp_path}", "--start=héllo"], capsys)

@@ -201,10 +201,12 @@ def test_ctrl_c_keeps_last_checkpoint(data_dir, tmp_path):
     assert stderr.strip().endswith("--init_from=resume") and not (out / "ckpt.pt.tmp").exists()
 
 
-def test_nan_loss_stops_with_one_line(data_dir, trained, tmp_path):
+@pytest.mark.parametrize("eval_interval", [2, 1])  # 1: an eval is the first to see the broken weights
+def test_nan_loss_stops_with_one_line(data_dir, trained, tmp_path, eval_interval):
     out = copy_of(trained, tmp_path)
     before = (out / "ckpt.pt").read_bytes()
-    result = train(data_dir, out, "--init_from=resume", "--max_iters=30", "--eval_interval=2", "--always_save_checkpoint",
+    result = train(data_dir, out, "--init_from=resume", "--max_iters=30", f"--eval_interval={eval_interval}",
+                   "--always_save_checkpoint",
                    "--learning_rate=1e30", "--min_lr=1e30", "--warmup_iters=0")
     line = error_line(result)
     assert "loss became nan at iter 11" in line or "loss became inf at iter 11" in line, line
@@ -255,6 +257,50 @@ def test_resume_from_other_architecture_is_one_line(data_dir, trained, tmp_path)
     assert train(data_dir, out, "--init_from=resume", "--dropout=0.1", "--max_iters=11").returncode == 0
 
 
+def test_resume_applies_this_runs_optimizer_settings(data_dir, trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    result = train(data_dir, out, "--init_from=resume", "--weight_decay=0.5", "--beta2=0.95", "--max_iters=11")
+    assert result.returncode == 0, result.stderr
+    groups = load(out / "ckpt.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]  # decayed, not decayed
+    assert all(tuple(g["betas"]) == (0.9, 0.95) for g in groups)
+
+
+FAKE_GPT2 = """# runs the script in argv[1] with GPT.from_pretrained replaced: no network, GPT-2's shape made tiny
+import runpy, sys
+sys.path.insert(0, {repo!r})
+from model import GPT, GPTConfig
+
+def from_pretrained(model_type, override_args):
+    args = {{k: v for k, v in override_args.items() if k != "n_kv_head"}}
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, bias=True, vocab_size=50257, **args))
+
+GPT.from_pretrained = staticmethod(from_pretrained)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_gpt2_finetune_resumes_with_the_same_command(tmp_path):
+    """The resume command train.py prints on Ctrl-C is the run's own command + --init_from=resume: the
+    GPT-2 shape (1 layer, bias) differs from the preset's, and must come from the checkpoint."""
+    (tmp_path / "t.txt").write_text(make_text(0, ["to", "be", "or", "not"], 2000))
+    prepare("bpe", tmp_path / "data", input_path=tmp_path / "t.txt", tokenizer="gpt2")
+    (tmp_path / "fake_gpt2.py").write_text(FAKE_GPT2.format(repo=str(REPO)))
+
+    def run(*args):
+        cmd = command(tmp_path / "data", tmp_path / "out", "--dataset=bpe", "--init_from=gpt2", "--eval_interval=2",
+                      *args, launcher=(sys.executable, str(tmp_path / "fake_gpt2.py")))
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+
+    run("--max_iters=2")
+    run("--max_iters=4", "--init_from=resume")  # as printed on Ctrl-C: the same command + --init_from=resume
+    ckpt = load(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["iter_num"] == 4 and ckpt["model_args"]["n_layer"] == 1 and ckpt["model_args"]["bias"]
+    assert ckpt["config"]["init_from"] == "gpt2"  # so that the same command resumes it again
+
+
 def test_resume_without_checkpoint(data_dir, tmp_path):
     line = error_line(train(data_dir, tmp_path / "out", "--init_from=resume"))
     assert f"no checkpoint at {tmp_path / 'out' / 'ckpt.pt'}" in line
@@ -289,6 +335,16 @@ def test_bad_config_key_exit_2(data_dir, tmp_path):
     assert "not divisible by n_head" in line
     line = error_line(train(data_dir, tmp_path / "out", "--eval_interval=0"), code=2)
     assert "--eval_interval must be at least 1" in line
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--grad_clip=-1", "--grad_clip must be 0 or more"),  # 0 = no clipping; below 0 would flip the gradients
+    ("--beta2=1", "--beta2 must be at least 0 and below 1"),
+    ("--n_embd=0", "--n_embd must be at least 1"),
+    ("--learning_rate=0", "--learning_rate must be more than 0"),
+])
+def test_out_of_range_value_exit_2(data_dir, tmp_path, arg, message):
+    assert message in error_line(train(data_dir, tmp_path / "out", arg, "--max_iters=0"), code=2)
 
 
 def test_help_lists_keys():

@@ -33,12 +33,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from attention import check_attention_config
 from configurable import ConfigError, TrainConfig, config_to_dict, load_config, parse_args, split_argv
-from model import GPT, GPTConfig, ModelLoadError, load_checkpoint_file
+from model import GPT, GPTConfig, ModelLoadError, load_checkpoint_file, resolve_device
 from prepare_data import DataError, check_bin, load_meta, prepare, tokenizer_from_meta
 
 HERE = Path(__file__).resolve().parent
 NOT_YET = 2**62  # the on-device "first iteration with a non-finite loss" before there is one
 RESUME_MAY_CHANGE = ("dropout", "sigmoid_backend")  # model keys that leave the weights as they are
+GPT2_SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "bias")  # set by the weights for init_from=gpt2*
 # what the error handlers at the bottom report: where the run is and where its last checkpoint is
 progress = dict(argv=[], rank=0, ddp=False, iter=0, ckpt="out/ckpt.pt", ckpt_iter=None)
 
@@ -56,26 +57,25 @@ def load_train_config(argv, master):
     if not presets and master:
         print(f"no preset given: using {default}")
     cfg = load_config(argv, TrainConfig, default_presets=[str(HERE / default)])
-    check_attention_config(cfg)
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
+    for key in ("n_layer", "n_head", "n_embd", "batch_size", "block_size", "gradient_accumulation_steps",
+                "eval_interval", "log_interval", "eval_iters"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
-    for key in ("max_iters", "warmup_iters", "sample_tokens"):
+    for key in ("max_iters", "warmup_iters", "sample_tokens", "grad_clip", "min_lr", "weight_decay"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"--{key} must be 0 or more, got {getattr(cfg, key)}")
+    for key in ("dropout", "beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"--{key} must be at least 0 and below 1, got {getattr(cfg, key)}")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"--learning_rate must be more than 0, got {cfg.learning_rate}")
+    check_attention_config(cfg)
     return cfg
 
 
 def pick_device(cfg, local_rank):
     """(device, device type, dtype name) from --device, --dtype and the hardware; raises ConfigError."""
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device expects auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device={cfg.device} but torch {torch.__version__} sees no CUDA GPU: use --device=cpu or auto")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device=mps but MPS is not available here: use --device=cpu or auto")
+    device, kind = resolve_device(cfg.device)
     if kind == "cuda" and local_rank is not None:
         device = f"cuda:{local_rank}"  # DDP: one GPU per rank
     bf16 = kind == "cuda" and torch.cuda.is_bf16_supported()
@@ -159,7 +159,10 @@ def check_resumable(cfg, meta, ckpt, path):
     """One line naming what differs when the checkpoint is another model or another dataset."""
     want = dataclasses.asdict(GPTConfig.from_train_config(cfg, meta["vocab_size"]))
     have = ckpt.get("model_args") or {}
-    keys = [k for k in want if k not in RESUME_MAY_CHANGE + ("vocab_size",) and have.get(k) != want[k]]
+    # a GPT-2 finetune is resumed with the command that started it: its shape comes from the checkpoint
+    from_gpt2 = str((ckpt.get("config") or {}).get("init_from")).startswith("gpt2")
+    skip = RESUME_MAY_CHANGE + ("vocab_size",) + (GPT2_SHAPE if from_gpt2 else ())
+    keys = [k for k in want if k not in skip and have.get(k) != want[k]]
     if keys:
         raise TrainError(f"{path} holds another architecture: it has {', '.join(f'{k}={have.get(k)}' for k in keys)}, "
                          f"this run asks for {', '.join(f'{k}={want[k]}' for k in keys)}; "
@@ -212,10 +215,15 @@ def check_finite(bad_iter, bad_loss):
     if dist.is_initialized():
         dist.all_reduce(bad_iter, op=dist.ReduceOp.MIN)
     if bad_iter.item() != NOT_YET:
-        where = (f"the last good checkpoint is {progress['ckpt']} (iter {progress['ckpt_iter']})"
-                 if progress["ckpt_iter"] is not None else "no checkpoint was written")
-        raise TrainError(f"loss became {bad_loss.item()} at iter {bad_iter.item()}; {where}; "
-                         f"try a lower --learning_rate or a longer --warmup_iters")
+        raise not_finite(bad_loss.item(), bad_iter.item())
+
+
+def not_finite(loss, iter_num):
+    """The error for a nan or inf loss, a training or an evaluation one."""
+    where = (f"the last good checkpoint is {progress['ckpt']} (iter {progress['ckpt_iter']})"
+             if progress["ckpt_iter"] is not None else "no checkpoint was written")
+    return TrainError(f"loss became {loss} at iter {iter_num}; {where}; "
+                      f"try a lower --learning_rate or a longer --warmup_iters")
 
 
 def rng_states(device):
@@ -304,11 +312,14 @@ def main(argv):
 
     meta, splits = load_data(cfg, master)
     get = lambda split, ix: get_batch(splits[split][0], meta["dtype"], ix, cfg.block_size, device)
-    ckpt = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
+    resuming = cfg.init_from == "resume"
+    ckpt = load_checkpoint(ckpt_path) if resuming else None
     model = build_model(cfg, meta, ckpt, ckpt_path)
-    # the saved config describes the model actually built (GPT-2's shape for init_from=gpt2*)
+    # the saved config describes the model actually built (GPT-2's shape for init_from=gpt2*), and a
+    # resumed run keeps its checkpoint's init_from: check_resumable reads it to resume a GPT-2 finetune again
     cfg = dataclasses.replace(cfg, **{f.name: getattr(model.config, f.name)
-                                      for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"})
+                                      for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"},
+                              **({"init_from": (ckpt.get("config") or {}).get("init_from", "resume")} if resuming else {}))
     model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), kind)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
@@ -319,6 +330,9 @@ def main(argv):
     iter_num, best_val_loss = 0, math.inf
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # group 0 decays: see configure_optimizers
+        for group in optimizer.param_groups:  # this run's settings, not the checkpoint's (lr is set every step)
+            group["betas"] = (cfg.beta1, cfg.beta2)
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss, rng = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["rng"]
@@ -344,7 +358,7 @@ def main(argv):
     eval_model = model.module if ddp else model
     log_path = out_dir / "log.jsonl"
     if master and not cfg.eval_only:
-        start_log(log_path, iter_num if cfg.init_from == "resume" else None)
+        start_log(log_path, iter_num if resuming else None)
     if wandb:
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config_to_dict(cfg))
 
@@ -362,6 +376,9 @@ def main(argv):
             record.update(train_loss=losses["train"], val_loss=losses["val"])
             if master:
                 print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            bad = [loss for loss in losses.values() if not math.isfinite(loss)]
+            if bad:  # before anything is saved; the losses are all-reduced, so every rank stops here
+                raise not_finite(bad[0], iter_num)
             improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
             at_end = iter_num >= cfg.max_iters
             if iter_num > first_iter and not cfg.eval_only and (improved or cfg.always_save_checkpoint or at_end):
