@@ -206,10 +206,10 @@ class CausalSelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
     def sigmoid_attention(self, q, k, v):
-        # No dropout on the attention weights: the fused kernel has none, and the torch path matches
-        # it so that both backends train the same model (dropout still acts on the output, as resid).
+        # dropout on the attention weights, as softmax's SDPA call: both kinds regularise alike
         slopes = self.alibi_slopes.float() if self.pos_emb == "alibi" else None
-        args = dict(causal=True, sigmoid_bias=self.sigmoid_bias, alibi_slopes=slopes)
+        dropout_p = self.dropout if self.training else 0.0
+        args = dict(causal=True, sigmoid_bias=self.sigmoid_bias, alibi_slopes=slopes, dropout_p=dropout_p)
         fused = self.backend == "triton" or (self.backend == "auto" and q.is_cuda and self.kernel_fits)
         if fused and q.size(2) == k.size(2):  # decoding (fewer queries than keys) uses the reference
             # under autocast QK-norm's LayerNorm returns float32 while v is bf16: one dtype for the kernel

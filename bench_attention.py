@@ -34,20 +34,23 @@ def poison_cache():
     torch.cuda.synchronize()
 
 
-def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, fast=True):
-    """Max relative error of out, dq, dk, dv (and d bias) against the reference run in float64."""
+def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, dropout=0.0, fast=True):
+    """Max relative error of out, dq, dk, dv (and d bias) against the reference run in float64
+    (with dropout: the reference applies the kernel's own mask)."""
     fs.FAST_SIGMOID = fast
     q = torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (torch.randn(B, H_kv, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     bias = torch.linspace(-math.log(T), -1.0, H, device="cuda").requires_grad_(learnable)
     slopes = torch.rand(H, device="cuda") * 0.1 if alibi else None
     do = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
+    seed = torch.randint(2**62, (1,), device="cuda")
     poison_cache()
-    out = fs.flash_sigmoid(q, k, v, causal, bias, None, slopes)
+    out = fs.flash_sigmoid(q, k, v, causal, bias, None, slopes, dropout, seed)
     grads = torch.autograd.grad(out, [q, k, v] + ([bias] if learnable else []), do)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    keep = fs.dropout_keep_mask(seed, B, H, T, dropout) if dropout else None
     ref = fs.sigmoid_attention_reference(*ref_in[:3], causal, ref_in[3], None,
-                                         None if slopes is None else slopes.double())
+                                         None if slopes is None else slopes.double(), dropout, keep)
     ref_grads = torch.autograd.grad(ref, ref_in[:3] + (ref_in[3:] if learnable else []), do.double())
     fs.FAST_SIGMOID = True
     errs = [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
@@ -56,18 +59,20 @@ def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, fast=True):
 
 def check(bound=1e-2, args_exact=True):
     print("## correctness: ||out - ref|| / ||ref|| against the float64 reference, fresh random inputs")
-    print(f"{'B':>2} {'H':>3} {'Hkv':>3} {'T':>5} {'D':>4} causal dtype    alibi learn sigmoid  "
+    print(f"{'B':>2} {'H':>3} {'Hkv':>3} {'T':>5} {'D':>4} causal dtype    alibi learn drop sigmoid  "
           "out      dq       dk       dv       dbias")
     cases = []
     for D in fs.SUPPORTED_HEAD_DIMS:
         for causal in (True, False):
-            cases.append((2, 4, 4, 1000 + D + 1, D, causal, torch.bfloat16, False, False))
+            cases.append((2, 4, 4, 1000 + D + 1, D, causal, torch.bfloat16, False, False, 0.0))
     cases += [
-        (1, 8, 2, 2049, 64, True, torch.bfloat16, False, True),  # GQA, learnable bias
-        (1, 8, 8, 777, 128, True, torch.float16, True, False),  # ALiBi
-        (2, 4, 1, 333, 32, False, torch.float16, True, True),
-        (1, 4, 4, 4096, 128, False, torch.bfloat16, False, False),
-        (1, 2, 2, 16384, 64, True, torch.bfloat16, False, False),
+        (1, 8, 2, 2049, 64, True, torch.bfloat16, False, True, 0.0),  # GQA, learnable bias
+        (1, 8, 8, 777, 128, True, torch.float16, True, False, 0.0),  # ALiBi
+        (2, 4, 1, 333, 32, False, torch.float16, True, True, 0.0),
+        (1, 8, 2, 1031, 64, True, torch.bfloat16, False, True, 0.2),  # attention dropout
+        (2, 4, 4, 517, 128, False, torch.float16, True, False, 0.1),
+        (1, 4, 4, 4096, 128, False, torch.bfloat16, False, False, 0.0),
+        (1, 2, 2, 16384, 64, True, torch.bfloat16, False, False, 0.0),
     ]
     failed = 0
     for n, case in enumerate(cases):
@@ -75,8 +80,8 @@ def check(bound=1e-2, args_exact=True):
             errs = check_case(*case, fast=fast)
             ok = max(errs) < bound
             failed += not ok
-            B, H, H_kv, T, D, causal, dtype, alibi, learn = case
-            print(f"{B:>2} {H:>3} {H_kv:>3} {T:>5} {D:>4} {causal!s:6} {str(dtype)[6:]:8} {alibi!s:5} {learn!s:5} "
+            B, H, H_kv, T, D, causal, dtype, alibi, learn, drop = case
+            print(f"{B:>2} {H:>3} {H_kv:>3} {T:>5} {D:>4} {causal!s:6} {str(dtype)[6:]:8} {alibi!s:5} {learn!s:5} {drop:<4} "
                   f"{'tanh' if fast else 'exact':8} " + " ".join(f"{e:.2e}" for e in errs) + ("" if ok else "  FAIL"))
     failed += not check_compile()
     print("correctness:", "PASS" if not failed else f"{failed} FAILED")
@@ -84,16 +89,19 @@ def check(bound=1e-2, args_exact=True):
 
 
 def check_compile():
-    """torch.compile keeps the kernel: fullgraph=True raises on any graph break."""
+    """torch.compile keeps the kernel: fullgraph=True raises on any graph break. With dropout too
+    (one fixed seed tensor, so eager and compiled draw the same mask)."""
     torch._dynamo.reset()
     q, k, v = (torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    f = lambda q, k, v: fs.flash_sigmoid(q, k, v, causal=True).float().square().sum()
-    out_e = fs.flash_sigmoid(q, k, v, causal=True)
+    seed = torch.randint(2**62, (1,), device="cuda")
+    run = lambda q, k, v: fs.flash_sigmoid(q, k, v, causal=True, dropout_p=0.1, dropout_seed=seed)
+    f = lambda q, k, v: run(q, k, v).float().square().sum()
+    out_e = run(q, k, v)
     g_eager = torch.autograd.grad(f(q, k, v), (q, k, v))
     ok = True
     for backend in ("aot_eager", "inductor"):
         try:
-            out_c = torch.compile(lambda q, k, v: fs.flash_sigmoid(q, k, v, causal=True), backend=backend, fullgraph=True)(q, k, v)
+            out_c = torch.compile(run, backend=backend, fullgraph=True)(q, k, v)
             g_comp = torch.autograd.grad(torch.compile(f, backend=backend, fullgraph=True)(q, k, v), (q, k, v))
             errs = [rel_err(out_c, out_e)] + [rel_err(a, b) for a, b in zip(g_comp, g_eager)]
             nan = [bool(t.isnan().any()) for t in (out_c,) + g_comp]
@@ -103,6 +111,15 @@ def check_compile():
         except Exception as e:  # report and go on to the timings
             print(f"torch.compile backend={backend} failed: {type(e).__name__}: {str(e)[:300]}")
             ok = False
+    try:  # as in training: the seed drawn inside the compiled graph
+        out = torch.compile(lambda q, k, v: fs.flash_sigmoid(q, k, v, dropout_p=0.1), fullgraph=True)(q, k, v)
+        dropped = (out - fs.flash_sigmoid(q, k, v)).abs().max().item()
+        print(f"torch.compile(inductor) drawing its own dropout seed: finite {bool(out.isfinite().all())}, "
+              f"max change from no dropout {dropped:.3f}")
+        ok &= bool(out.isfinite().all()) and dropped > 0
+    except Exception as e:
+        print(f"torch.compile with a seed drawn in the graph failed: {type(e).__name__}: {str(e)[:300]}")
+        ok = False
     return ok
 
 
@@ -118,6 +135,7 @@ def peers(ref_max_t):
     impls = {
         "flash_sigmoid": (lambda q, k, v, c: fs.flash_sigmoid(q, k, v, causal=c), None),
         "flash_sigmoid_exact": (exact_sigmoid, None),
+        "flash_sigmoid_dropout": (lambda q, k, v, c: fs.flash_sigmoid(q, k, v, causal=c, dropout_p=0.1), None),
         "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION), None),
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION), None),
         "torch_ref": (lambda q, k, v, c: fs.sigmoid_attention_reference(q, k, v, causal=c), ref_max_t),
@@ -140,8 +158,8 @@ def exact_sigmoid(q, k, v, causal):
         fs.FAST_SIGMOID = True
 
 
-def time_ms(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+def time_ms(fn, warmup=25, rep=100):
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
 def bench_one(fn, B, H, T, D, causal):
@@ -191,6 +209,79 @@ def bench(args):
                     print(f"{name:20} D={D:3} T={T:5} causal={causal!s:5} fwd {rows[-1]['fwd_tflops']:6.1f} "
                           f"fwd+bwd {rows[-1]['fwd_bwd_tflops']:6.1f} TFLOP/s  peak {peak:8.1f} MiB", flush=True)
     return rows
+
+
+# Block shapes to try, (BLOCK_M, BLOCK_N, num_warps, num_stages). The forward and dQ walk keys for
+# a query block (BLOCK_N must divide BLOCK_M for causal); dK/dV walks queries for a key block
+# (BLOCK_M must divide BLOCK_N).
+SWEEP = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
+            (128, 128, 8, 3), (128, 64, 8, 4), (64, 32, 4, 3)],
+    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2),
+             (32, 128, 8, 3), (16, 128, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 3)],
+    "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3),
+           (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3)],
+}
+SWEEP_SHAPES = [(64, 1024, True), (64, 1024, False), (64, 2048, True), (128, 1024, True), (128, 4096, False)]
+
+
+KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
+
+
+def widen_autotune():
+    """Let each kernel's autotuner choose among every SWEEP shape instead of its short list."""
+    for name, attr in KERNELS.items():
+        kernel = getattr(fs, attr)
+        kernel.configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in SWEEP[name]]
+        kernel.cache = {}
+
+
+def autotune_choices():
+    """Which config each kernel's autotuner chose, per tuning key (T, D, causal, alibi, dropout, fast, dtypes)."""
+    lines = ["", "Autotuner choices (BLOCK_M, BLOCK_N, warps, stages) per key:", ""]
+    for name, attr in KERNELS.items():
+        for key, c in getattr(fs, attr).cache.items():
+            lines.append(f"- {name} {key[:6]}: ({c.kwargs['BLOCK_M']}, {c.kwargs['BLOCK_N']}, {c.num_warps}, {c.num_stages})")
+    return "\n".join(lines)
+
+
+def sweep(args):
+    """Time every SWEEP config of each kernel, to choose the autotune lists: the forward alone, and the
+    whole backward for each dK/dV config (dQ at its first config) and each dQ config (dK/dV at its
+    first). TFLOP/s as in the table: 2 matmuls forward, 5 backward (the 2.5x convention)."""
+    kernels = {name: getattr(fs, attr) for name, attr in KERNELS.items()}
+    saved = {name: kernel.configs for name, kernel in kernels.items()}
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    time_ms(lambda: a @ a)  # clocks up
+    print("## sweep: TFLOP/s of one kernel per block config (BLOCK_M, BLOCK_N, warps, stages)")
+    for D, T, causal in SWEEP_SHAPES:
+        B, H = max(1, args.tokens // T), args.heads
+        q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        bias = torch.full((H,), -math.log(T), device="cuda")
+        scale, matmul = 1 / math.sqrt(D), 2 * B * H * T * T * D * (0.5 if causal else 1.0)
+        fwd = lambda: torch.ops.flash_sigmoid.forward(q, k, v, bias, None, None, 0.0, causal, scale)
+        bwd = lambda: torch.ops.flash_sigmoid.backward(do, q, k, v, bias, None, None, 0.0, causal, scale, False)
+        for name, n_matmuls in (("fwd", 2), ("dkdv", 5), ("dq", 5)):
+            results = []
+            for shape in SWEEP[name]:
+                m, n, w, s = shape
+                if causal and (m % n if name != "dkdv" else n % m):
+                    continue
+                for other, kernel in kernels.items():  # this config for this kernel, the first for the others
+                    kernel.configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)] \
+                        if other == name else saved[other][:1]
+                    kernel.cache = {}
+                try:
+                    ms = time_ms(fwd if name == "fwd" else bwd, warmup=10, rep=40)
+                except Exception as e:  # out of shared memory: skip the shape
+                    print(f"  {name} {shape}: failed ({type(e).__name__})")
+                    continue
+                results.append((n_matmuls * matmul / ms / 1e9, shape))
+            best = max(results)
+            print(f"D={D} T={T} causal={causal!s:5} {name:4}: " + "  ".join(
+                f"{s}:{t:.0f}{'*' if (t, s) == best else ''}" for t, s in results), flush=True)
+    for kernel, configs in zip(kernels.values(), saved.values()):
+        kernel.configs, kernel.cache = configs, {}
 
 
 def table(rows, args):
@@ -244,16 +335,22 @@ if __name__ == "__main__":
     p.add_argument("--ref-max-t", type=int, default=1024, help="longest T for the (T, T)-memory reference")
     p.add_argument("--impls", default="", help="comma-separated subset of implementations")
     p.add_argument("--out", default="", help="write the markdown table to this file")
+    p.add_argument("--sweep", action="store_true", help="time each kernel's candidate block shapes, then stop")
+    p.add_argument("--wide-tune", action="store_true", help="autotune among all the --sweep shapes; print the choices")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: bench_attention.py needs a CUDA GPU (the CPU tests are test_flash_sigmoid.py)")
     print(header())
     if not args.no_check and not check():
         print("warning: correctness check failed (see FAIL above); the timings below are of that kernel")
-    if args.check_only:
+    if args.sweep:
+        sweep(args)
+    if args.check_only or args.sweep:
         raise SystemExit(0)
+    if args.wide_tune:
+        widen_autotune()
     rows = bench(args)
-    text = f"# Attention benchmark\n\n{header()}\n\nCommand: `python bench_attention.py {' '.join(a for a in __import__('sys').argv[1:])}`\n\n{table(rows, args)}\n"
+    text = f"# Attention benchmark\n\n{header()}\n\nCommand: `python bench_attention.py {' '.join(a for a in __import__('sys').argv[1:])}`\n\n{table(rows, args)}\n{autotune_choices()}\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:

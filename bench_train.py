@@ -7,6 +7,8 @@ Model keys come from the presets and --key=value overrides, as train.py takes th
 (attn:compile) builds the model, runs --warmup steps (compilation happens there), then times
 --iters full steps (forward, backward, fused AdamW) of batch_size x block_size random tokens in
 bf16 autocast. Prints ms/iter, tokens/s, MFU, peak memory and each row's tokens/s over the first row's.
+--profile also prints, per variant, the GPU kernels that took the most time over 5 steps, and the
+GPU's busy time against the step time (a step much longer than its kernels is launch-bound).
 """
 import argparse
 import datetime
@@ -19,7 +21,7 @@ from configurable import TrainConfig, parse_args
 from model import GPT, GPTConfig
 
 
-def bench_variant(cfg, attn, compile, iters, warmup, vocab_size=50257):
+def bench_variant(cfg, attn, compile, iters, warmup, profile=False, vocab_size=50257):
     torch.manual_seed(0)
     cfg.attn = attn
     model = GPT(GPTConfig.from_train_config(cfg, vocab_size)).cuda()
@@ -46,8 +48,24 @@ def bench_variant(cfg, attn, compile, iters, warmup, vocab_size=50257):
     dt = (time.perf_counter() - start) / iters
     tokens = cfg.batch_size * cfg.block_size
     mfu = model.estimate_mfu(cfg.batch_size, dt)
+    if profile:
+        print_profile(step, dt, f"{attn} compile={compile}")
     return dict(attn=attn, compile=compile, ms=dt * 1e3, tok_s=tokens / dt, mfu=mfu,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
+def print_profile(step, dt, name, steps=5):
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # the GPU's own rows, not the ops that launch them
+    busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / steps  # microseconds -> ms per step
+    print(f"## profile {name}: GPU busy {busy_ms:.1f} ms of a {dt * 1e3:.1f} ms step")
+    print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
 
 
 def format_mfu(mfu):
@@ -61,6 +79,7 @@ def main():
     p.add_argument("--variants", default="softmax:1,sigmoid:1,softmax:0,sigmoid:0",
                    help="comma-separated attn:compile pairs")
     p.add_argument("--out", default="", help="append the markdown table to this file")
+    p.add_argument("--profile", action="store_true", help="print each variant's costliest GPU kernels")
     args, rest = p.parse_known_args()
     cfg = parse_args(rest, TrainConfig, prog="bench_train.py")
     if not torch.cuda.is_available():
@@ -69,7 +88,7 @@ def main():
     rows = []
     for variant in args.variants.split(","):
         attn, compile = variant.split(":")
-        rows.append(bench_variant(cfg, attn, compile == "1", args.iters, args.warmup))
+        rows.append(bench_variant(cfg, attn, compile == "1", args.iters, args.warmup, args.profile))
         r = rows[-1]
         print(f"{attn:8} compile={r['compile']!s:5} {r['ms']:8.1f} ms/iter {r['tok_s']:10,.0f} tok/s "
               f"mfu {format_mfu(r['mfu'])} peak {r['peak_gib']:.1f} GiB", flush=True)

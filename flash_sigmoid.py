@@ -12,6 +12,10 @@ Backward recomputes P from Q and K:
 Two kernels, no atomics: one program per key block accumulates dK and dV (over every query head
 of its group, for grouped-query attention), one program per query block accumulates dQ.
 
+Attention dropout (training, as SDPA's dropout_p): P_drop = P * keep / (1 - p) with keep drawn by
+Philox from (seed, batch*head, query, key), so the backward regenerates the forward's mask; then
+O = P_drop V, dV = P_drop^T dO, dS = P (1 - P) * (dO V^T) * keep / (1 - p).
+
 Layout: q (B, H, T, D), k and v (B, H_kv, T, D) with H a multiple of H_kv, last dim contiguous
 (the layout of F.scaled_dot_product_attention). Head dims 16, 32, 64, 128. Any T.
 """
@@ -34,13 +38,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on the CPU,
 FAST_SIGMOID = not INTERPRET
 
 
-def sigmoid_attention_reference(q, k, v, causal=True, sigmoid_bias=None, scale=None, alibi_slopes=None):
+def sigmoid_attention_reference(q, k, v, causal=True, sigmoid_bias=None, scale=None, alibi_slopes=None,
+                                dropout_p=0.0, dropout_keep=None):
     """Plain PyTorch sigmoid attention; materialises the (T_q, T_k) scores.
 
     q: (B, H, T_q, D); k, v: (B, H_kv, T_k, D) with H % H_kv == 0 (grouped-query attention).
     T_q < T_k (decoding with a KV cache) aligns the queries with the last T_q keys.
     sigmoid_bias: None (= -log T_k), a float, or a (H,) tensor (one learnable bias per head).
     alibi_slopes: None or a (H,) tensor; adds -slope_h * (i - j) to the score of query i, key j.
+    dropout_p: drop each attention weight with this probability (scaling the rest by 1 / (1 - p));
+    dropout_keep: a (B, H, T_q, T_k) bool mask to use instead of drawing one (tests: the kernel's mask).
     """
     B, H, T_q, D = q.shape
     H_kv, T_k = k.shape[1], k.shape[2]
@@ -59,7 +66,12 @@ def sigmoid_attention_reference(q, k, v, causal=True, sigmoid_bias=None, scale=N
         scores = scores - alibi_slopes.view(1, H, 1, 1) * (i - j)
     if causal:
         scores = scores.masked_fill(j > i, float("-inf"))  # sigmoid(-inf) = 0
-    return (torch.sigmoid(scores).to(v.dtype) @ v).to(q.dtype)
+    probs = torch.sigmoid(scores)
+    if dropout_keep is not None:
+        probs = probs * dropout_keep / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
+    return (probs.to(v.dtype) @ v).to(q.dtype)
 
 
 def kernel_available():
@@ -71,9 +83,16 @@ def can_use_kernel(q):
     return triton is not None and (q.is_cuda or INTERPRET) and q.shape[-1] in SUPPORTED_HEAD_DIMS
 
 
-def flash_sigmoid(q, k, v, causal=True, sigmoid_bias=None, scale=None, alibi_slopes=None):
-    """Fused sigmoid attention with autograd; same arguments and result as the reference."""
+def flash_sigmoid(q, k, v, causal=True, sigmoid_bias=None, scale=None, alibi_slopes=None, dropout_p=0.0,
+                  dropout_seed=None):
+    """Fused sigmoid attention with autograd; same arguments and result as the reference.
+
+    dropout_seed: a (1,) int64 tensor on q's device for the dropout mask; None draws one from torch's
+    generator (so torch.manual_seed makes runs repeat).
+    """
     _check_inputs(q, k, v, sigmoid_bias, alibi_slopes)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     H, T, D = q.shape[1], q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if torch.is_tensor(sigmoid_bias):
@@ -82,7 +101,10 @@ def flash_sigmoid(q, k, v, causal=True, sigmoid_bias=None, scale=None, alibi_slo
         b = -math.log(T) if sigmoid_bias is None else float(sigmoid_bias)
         bias = torch.full((H,), b, device=q.device, dtype=torch.float32)
     slopes = None if alibi_slopes is None else alibi_slopes.float().contiguous()
-    return torch.ops.flash_sigmoid.forward(q, k, v, bias, slopes, bool(causal), scale)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(2**31, (1,), device=q.device) if dropout_seed is None else dropout_seed
+    return torch.ops.flash_sigmoid.forward(q, k, v, bias, slopes, seed, float(dropout_p), bool(causal), scale)
 
 
 def _check_inputs(q, k, v, sigmoid_bias, alibi_slopes):
@@ -130,7 +152,7 @@ if triton is not None:
     FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)], (32, 16, 4, 1))
     DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)], (16, 32, 4, 1))
     DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)], (32, 16, 4, 1))
-    TUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "HAS_ALIBI", "FAST"]
+    TUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "HAS_ALIBI", "DROPOUT", "FAST"]
 
     @triton.jit
     def _probs(s, qpos, kpos, half_scale, half_bias, half_slope,
@@ -153,9 +175,17 @@ if triton is not None:
         return p
 
     @triton.jit
+    def _dropout_scale(seed, bh, T, qpos, kpos, dropout_p):
+        """1 / (1 - p) where the weight of (query, key) is kept, 0 where dropped: a function of (seed,
+        batch*head, query, key) alone, so the forward and both backward kernels draw the same mask."""
+        keep = tl.rand(seed, (bh * T + qpos) * T + kpos) >= dropout_p  # 64-bit offsets: B*H*T*T may pass 2^32
+        return tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+
+    @triton.jit
     def _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
-                   half_scale, half_bias, half_slope, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST: tl.constexpr):
+                   half_scale, half_bias, half_slope, seed, bh, dropout_p,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -165,17 +195,19 @@ if triton is not None:
             s = tl.dot(q, kT)  # (BLOCK_M, BLOCK_N)
             p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope,
                        MASK, HAS_ALIBI, FAST)
+            if DROPOUT:
+                p *= _dropout_scale(seed, bh, T, offs_m[:, None], offs_n[None, :], dropout_p)
             acc = tl.dot(p.to(v.dtype), v, acc)
         return acc
 
     @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, Bias, Slopes,
+    def _fwd_kernel(Q, K, V, O, Bias, Slopes, Seed,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt,
-                    H, GROUP, T, scale,
+                    H, GROUP, T, scale, dropout_p,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST: tl.constexpr):
+                    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         start_m = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D may pass 2^31
         b, h = bh // H, bh % H
@@ -189,23 +221,27 @@ if triton is not None:
         half_scale = 0.5 * scale
         half_bias = 0.5 * tl.load(Bias + h)
         half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
+        seed = tl.load(Seed) if DROPOUT else 0
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         if CAUSAL:  # blocks left of the diagonal unmasked, the diagonal block masked, none above it
             acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m, T,
-                             half_scale, half_bias, half_slope, HEAD_DIM, BLOCK_N, False, HAS_ALIBI, FAST)
+                             half_scale, half_bias, half_slope, seed, bh, dropout_p,
+                             HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
             acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
-                             tl.minimum(start_m + BLOCK_M, T), T,
-                             half_scale, half_bias, half_slope, HEAD_DIM, BLOCK_N, True, HAS_ALIBI, FAST)
+                             tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, seed, bh,
+                             dropout_p, HEAD_DIM, BLOCK_N, True, HAS_ALIBI, DROPOUT, FAST)
         else:
             acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, T, T,
-                             half_scale, half_bias, half_slope, HEAD_DIM, BLOCK_N, False, HAS_ALIBI, FAST)
+                             half_scale, half_bias, half_slope, seed, bh, dropout_p,
+                             HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
         tl.store(O + ((b * H + h) * T + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],  # O is contiguous
                  acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
 
     @triton.jit
     def _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n, lo, hi, T,
-                    half_scale, half_bias, half_slope, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                    MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_GRAD: tl.constexpr, FAST: tl.constexpr):
+                    half_scale, half_bias, half_slope, seed, bh, dropout_p,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -215,8 +251,13 @@ if triton is not None:
             sT = tl.dot(k, qT)  # (BLOCK_N, BLOCK_M): scores transposed
             pT = _probs(sT, offs_m[None, :], offs_n[:, None], half_scale, half_bias, half_slope,
                         MASK, HAS_ALIBI, FAST)
-            dv = tl.dot(pT.to(do.dtype), do, dv)
             dpT = tl.dot(v, tl.trans(do))
+            if DROPOUT:  # dV takes the dropped weights; dP reaches S only through the kept ones
+                keep_scale = _dropout_scale(seed, bh, T, offs_m[None, :], offs_n[:, None], dropout_p)
+                dv = tl.dot((pT * keep_scale).to(do.dtype), do, dv)
+                dpT *= keep_scale
+            else:
+                dv = tl.dot(pT.to(do.dtype), do, dv)
             dsT = pT * (1.0 - pT) * dpT  # sigmoid' = P (1 - P)
             dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
             if BIAS_GRAD:
@@ -226,13 +267,13 @@ if triton is not None:
     # every candidate writes its own number of key-block rows of DBias: zero it before each try
     @triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY, reset_to_zero=["DBias"])
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Bias, Slopes, DBias,
+    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Bias, Slopes, Seed, DBias,
                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-                         H, GROUP, T, scale,
+                         H, GROUP, T, scale, dropout_p,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                         FAST: tl.constexpr):
+                         DROPOUT: tl.constexpr, FAST: tl.constexpr):
         H_kv = H // GROUP
         start_n = tl.program_id(0) * BLOCK_N
         bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D may pass 2^31
@@ -246,23 +287,25 @@ if triton is not None:
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         half_scale = 0.5 * scale
+        seed = tl.load(Seed) if DROPOUT else 0
         for h in range(hk * GROUP, hk * GROUP + GROUP):  # every query head that shares this k, v
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DO + b * stride_dob + h * stride_doh
             half_bias = 0.5 * tl.load(Bias + h)
             half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
             db = 0.0
+            bh = b * H + h  # the query head's (batch, head): the dropout mask's stream
             if CAUSAL:  # the diagonal block masked, the queries below it unmasked, none above
                 dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
-                                         start_n, start_n + BLOCK_N, T, half_scale, half_bias, half_slope,
-                                         HEAD_DIM, BLOCK_M, True, HAS_ALIBI, BIAS_GRAD, FAST)
+                                         start_n, start_n + BLOCK_N, T, half_scale, half_bias, half_slope, seed, bh,
+                                         dropout_p, HEAD_DIM, BLOCK_M, True, HAS_ALIBI, BIAS_GRAD, DROPOUT, FAST)
                 dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
-                                         start_n + BLOCK_N, T, T, half_scale, half_bias, half_slope,
-                                         HEAD_DIM, BLOCK_M, False, HAS_ALIBI, BIAS_GRAD, FAST)
+                                         start_n + BLOCK_N, T, T, half_scale, half_bias, half_slope, seed, bh,
+                                         dropout_p, HEAD_DIM, BLOCK_M, False, HAS_ALIBI, BIAS_GRAD, DROPOUT, FAST)
             else:
                 dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
-                                         0, T, T, half_scale, half_bias, half_slope,
-                                         HEAD_DIM, BLOCK_M, False, HAS_ALIBI, BIAS_GRAD, FAST)
+                                         0, T, T, half_scale, half_bias, half_slope, seed, bh, dropout_p,
+                                         HEAD_DIM, BLOCK_M, False, HAS_ALIBI, BIAS_GRAD, DROPOUT, FAST)
             if BIAS_GRAD:  # one partial sum per (batch, head, key block); the launcher adds them
                 tl.store(DBias + (tl.program_id(0) * tl.num_programs(1) * GROUP) + b * H + h, db)
         out = ((b * H_kv + hk) * T + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]  # dK, dV are contiguous
@@ -271,8 +314,9 @@ if triton is not None:
 
     @triton.jit
     def _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
-                  half_scale, half_bias, half_slope, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST: tl.constexpr):
+                  half_scale, half_bias, half_slope, seed, bh, dropout_p,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -283,18 +327,20 @@ if triton is not None:
             p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope,
                        MASK, HAS_ALIBI, FAST)
             dp = tl.dot(do, vT)
+            if DROPOUT:
+                dp *= _dropout_scale(seed, bh, T, offs_m[:, None], offs_n[None, :], dropout_p)
             ds = p * (1.0 - p) * dp
             dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
         return dq
 
     @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, DO, DQ, Bias, Slopes,
+    def _bwd_dq_kernel(Q, K, V, DO, DQ, Bias, Slopes, Seed,
                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                        stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-                       H, GROUP, T, scale,
+                       H, GROUP, T, scale, dropout_p,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST: tl.constexpr):
+                       CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         start_m = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D may pass 2^31
         b, h = bh // H, bh % H
@@ -310,18 +356,36 @@ if triton is not None:
         half_scale = 0.5 * scale
         half_bias = 0.5 * tl.load(Bias + h)
         half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
+        seed = tl.load(Seed) if DROPOUT else 0
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         if CAUSAL:
             dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m, T,
-                           half_scale, half_bias, half_slope, HEAD_DIM, BLOCK_N, False, HAS_ALIBI, FAST)
+                           half_scale, half_bias, half_slope, seed, bh, dropout_p,
+                           HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
             dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
-                           tl.minimum(start_m + BLOCK_M, T), T,
-                           half_scale, half_bias, half_slope, HEAD_DIM, BLOCK_N, True, HAS_ALIBI, FAST)
+                           tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, seed, bh,
+                           dropout_p, HEAD_DIM, BLOCK_N, True, HAS_ALIBI, DROPOUT, FAST)
         else:
             dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, T, T,
-                           half_scale, half_bias, half_slope, HEAD_DIM, BLOCK_N, False, HAS_ALIBI, FAST)
+                           half_scale, half_bias, half_slope, seed, bh, dropout_p,
+                           HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
         tl.store(DQ + ((b * H + h) * T + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],  # dQ is contiguous
                  (dq * scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
+
+    @triton.jit
+    def _keep_mask_kernel(Seed, Keep, T, dropout_p, BLOCK: tl.constexpr):
+        bh = tl.program_id(0).to(tl.int64)
+        i = tl.program_id(1)  # query
+        j = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)  # keys
+        keep = _dropout_scale(tl.load(Seed), bh, T, i, j, dropout_p) > 0.0
+        tl.store(Keep + (bh * T + i) * T + j, keep.to(tl.int8), mask=j < T)
+
+
+def dropout_keep_mask(seed, B, H, T, dropout_p):
+    """The kernels' dropout mask for a (1,) int64 seed tensor: (B, H, T, T) bool, True = kept. For tests."""
+    keep = torch.empty((B, H, T, T), device=seed.device, dtype=torch.int8)
+    _keep_mask_kernel[(B * H, T, triton.cdiv(T, 64))](seed, keep, T, dropout_p, BLOCK=64)
+    return keep.bool()
 
 
 def _strides(t):
@@ -330,62 +394,66 @@ def _strides(t):
 
 # Custom ops: torch.compile sees each as one opaque node (no graph break) and calls it as is.
 @torch.library.custom_op("flash_sigmoid::forward", mutates_args=())
-def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optional[Tensor],
-             causal: bool, scale: float) -> Tensor:
+def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optional[Tensor], seed: Optional[Tensor],
+             dropout_p: float, causal: bool, scale: float) -> Tensor:
     B, H, T, D = q.shape
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](q, k, v, o, bias, bias if slopes is None else slopes,
-                      *_strides(q), *_strides(k), *_strides(v), H, H // k.shape[1], T, scale,
-                      HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, FAST=FAST_SIGMOID)
+    # bias stands in for the pointers a launch without ALiBi or dropout never reads
+    _fwd_kernel[grid](q, k, v, o, bias, bias if slopes is None else slopes, bias if seed is None else seed,
+                      *_strides(q), *_strides(k), *_strides(v), H, H // k.shape[1], T, scale, dropout_p,
+                      HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, DROPOUT=seed is not None,
+                      FAST=FAST_SIGMOID)
     return o
 
 
 @torch.library.custom_op("flash_sigmoid::backward", mutates_args=())
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optional[Tensor],
-              causal: bool, scale: float, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              seed: Optional[Tensor], dropout_p: float, causal: bool, scale: float,
+              bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
-    common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, FAST=FAST_SIGMOID)
-    slopes = bias if slopes is None else slopes  # a placeholder pointer when there is no ALiBi
+    common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, DROPOUT=seed is not None, FAST=FAST_SIGMOID)
+    slopes = bias if slopes is None else slopes  # placeholder pointers for what the launch never reads
+    seed = bias if seed is None else seed
     # (key blocks, B, H) partial sums of dS; sized for the smallest block, unused rows stay zero
     dbias_partial = torch.zeros((triton.cdiv(T, 16), B, H) if bias_grad else (1,), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)
-    _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, bias, slopes, dbias_partial,
+    _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, bias, slopes, seed, dbias_partial,
                            *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                           H, H // H_kv, T, scale, BIAS_GRAD=bias_grad, **common)
+                           H, H // H_kv, T, scale, dropout_p, BIAS_GRAD=bias_grad, **common)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    _bwd_dq_kernel[grid](q, k, v, do, dq, bias, slopes,
+    _bwd_dq_kernel[grid](q, k, v, do, dq, bias, slopes, seed,
                          *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                         H, H // H_kv, T, scale, **common)
+                         H, H // H_kv, T, scale, dropout_p, **common)
     dbias = dbias_partial.sum(dim=(0, 1)) if bias_grad else torch.zeros_like(bias)
     return dq, dk, dv, dbias
 
 
 @_forward.register_fake
-def _(q, k, v, bias, slopes, causal, scale):
+def _(q, k, v, bias, slopes, seed, dropout_p, causal, scale):
     return q.new_empty(q.shape)
 
 
 @_backward.register_fake
-def _(do, q, k, v, bias, slopes, causal, scale, bias_grad):
+def _(do, q, k, v, bias, slopes, seed, dropout_p, causal, scale, bias_grad):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), bias.new_empty(bias.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, slopes, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, bias, slopes)
-    ctx.causal, ctx.scale = causal, scale
+    q, k, v, bias, slopes, seed, dropout_p, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, bias, slopes, seed)  # the seed regenerates the dropout mask
+    ctx.dropout_p, ctx.causal, ctx.scale = dropout_p, causal, scale
 
 
 def _autograd_backward(ctx, do):
-    q, k, v, bias, slopes = ctx.saved_tensors
+    q, k, v, bias, slopes, seed = ctx.saved_tensors
     if do.stride(-1) != 1:
         do = do.contiguous()
     dq, dk, dv, dbias = torch.ops.flash_sigmoid.backward(
-        do, q, k, v, bias, slopes, ctx.causal, ctx.scale, ctx.needs_input_grad[3])
-    return dq, dk, dv, dbias, None, None, None
+        do, q, k, v, bias, slopes, seed, ctx.dropout_p, ctx.causal, ctx.scale, ctx.needs_input_grad[3])
+    return dq, dk, dv, dbias, None, None, None, None, None
 
 
 torch.library.register_autograd("flash_sigmoid::forward", _autograd_backward, setup_context=_setup_context)

@@ -154,6 +154,25 @@ class Float32(torch.nn.Module):
         return x.float()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sigmoid_attention_dropout_is_unbiased_and_off_in_eval(backend):
+    """dropout acts on the attention weights, as softmax's does in SDPA: each draw differs from the
+    eval output, and their mean is the eval output (kept weights are scaled by 1 / (1 - p))."""
+    if backend == "triton" and not (flash_sigmoid.INTERPRET or torch.cuda.is_available()):
+        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
+    device = "cuda" if torch.cuda.is_available() and not flash_sigmoid.INTERPRET else "cpu"
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(tiny_config(attn="sigmoid", n_embd=64, dropout=0.5, sigmoid_backend=backend)).to(device)
+    layer.resid_dropout = torch.nn.Identity()  # leave only the attention-weight dropout
+    x = torch.randn(1, 8, 64, device=device)
+    with torch.no_grad():
+        expected = layer.eval()(x)
+        torch.testing.assert_close(layer(x), expected)  # eval: no dropout
+        draws = torch.stack([layer.train()(x) for _ in range(400)])
+    assert not torch.allclose(draws[0], expected, atol=1e-3)
+    assert (draws.mean(0) - expected).abs().max() < 0.1 * expected.abs().max()
+
+
 def test_learnable_sigmoid_bias_gets_a_gradient():
     layer = CausalSelfAttention(tiny_config(attn="sigmoid", sigmoid_bias="learnable"))
     assert layer.sigmoid_bias.shape == (4,)

@@ -145,6 +145,45 @@ def test_bias_gradient_is_right_on_the_first_call_while_autotuning(monkeypatch):
     assert rel_err(got.cpu(), want) < 1e-5
 
 
+@pytest.mark.parametrize("B,H,H_kv,T,D,causal,dtype", [(2, 4, 2, 37, 16, True, torch.float32),
+                                                      (1, 2, 2, 45, 32, False, torch.float16)])
+def test_dropout_forward_and_gradients_match_float64_with_the_kernels_mask(B, H, H_kv, T, D, causal, dtype):
+    q, k, v = make_inputs(B, H, H_kv, T, D, dtype, 31)
+    bias = torch.linspace(-3.0, 1.0, H, device=DEVICE)
+    seed, p = torch.tensor([2**40 + 12345], device=DEVICE), 0.3
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    bias_arg = bias.clone().requires_grad_()
+    poisoned_cache()
+    out = fs.flash_sigmoid(*leaves, causal=causal, sigmoid_bias=bias_arg, dropout_p=p, dropout_seed=seed)
+    do = torch.randn_like(out)
+    out.backward(do)
+    keep = fs.dropout_keep_mask(seed, B, H, T, p).cpu()
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.03  # 1 - p of the weights kept
+    ref_leaves = [t.double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_bias = bias.double().cpu().requires_grad_()
+    ref = fs.sigmoid_attention_reference(*ref_leaves, causal=causal, sigmoid_bias=ref_bias, dropout_p=p,
+                                         dropout_keep=keep)
+    ref.backward(do.double().cpu())
+    tol = 2e-6 if dtype == torch.float32 else 2e-3
+    assert rel_err(out.cpu(), ref) < tol
+    for got, want in zip(leaves + [bias_arg], ref_leaves + [ref_bias]):
+        assert rel_err(got.grad.cpu(), want.grad) < tol
+
+
+def test_dropout_mask_follows_the_seed():
+    q, k, v = make_inputs(1, 2, 2, 20, 16, torch.float32, 41)
+    run = lambda seed: fs.flash_sigmoid(q, k, v, dropout_p=0.5, dropout_seed=torch.tensor([seed], device=DEVICE))
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+    torch.manual_seed(0)
+    first = fs.flash_sigmoid(q, k, v, dropout_p=0.5)  # seed drawn from torch's generator
+    torch.manual_seed(0)
+    assert torch.equal(first, fs.flash_sigmoid(q, k, v, dropout_p=0.5))
+    assert torch.equal(fs.flash_sigmoid(q, k, v, dropout_p=0.0), fs.flash_sigmoid(q, k, v))
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        fs.flash_sigmoid(q, k, v, dropout_p=1.0)
+
+
 def test_bad_input_is_one_clear_value_error():
     q, k, v = make_inputs(1, 4, 2, 16, 16, torch.float32, 1)
     bad = [
