@@ -141,17 +141,17 @@ if triton is not None:
 
     # Autotuned block shapes, (BLOCK_M, BLOCK_N, num_warps, num_stages). Causal needs the larger
     # block a multiple of the smaller one, so blocks meet the diagonal exactly. Forward and dQ walk
-    # keys for a tall query block; dK/dV walks queries for a tall key block. Candidates: a 4-warp
-    # and an 8-warp shape, and a smaller tile for short sequences; the forward's 128x64 tile on
-    # 8 warps (two warpgroups, one overlapping its tanh with the other's matmuls) was +6.5% at
-    # D=128, T=4096 on an H100 (results/attention_h100.md). The interpreter gets one small shape.
+    # keys for a tall query block; dK/dV walks queries for a tall key block. Each candidate won at
+    # least one shape of `python bench_attention.py --sweep` on an H100 (results/attention_h100.md):
+    # small tiles on 4 warps win at D=64 and at short T (more programs in flight), the 8-warp tiles
+    # at D=128 and long T. The interpreter gets one small shape.
     def _configs(gpu_shapes, interpreter_shape):
         shapes = [interpreter_shape] if INTERPRET else gpu_shapes
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
-    FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)], (32, 16, 4, 1))
-    DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)], (16, 32, 4, 1))
-    DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)], (32, 16, 4, 1))
+    FWD_CONFIGS = _configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3)], (32, 16, 4, 1))
+    DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 3)], (16, 32, 4, 1))
+    DQ_CONFIGS = _configs([(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)], (32, 16, 4, 1))
     TUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "HAS_ALIBI", "DROPOUT", "FAST"]
 
     @triton.jit
