@@ -2,6 +2,7 @@
 Run an ablation: every (run, seed) of an ablation file through train.py, then a table and a plot.
 
     python ablate.py ablations/sigmoid_recipe.toml                  # all runs x seeds (one per GPU if several)
+    python ablate.py ablations/sigmoid_recipe.toml --gpus=0,1,0,1   # two at a time on each of GPUs 0 and 1
     python ablate.py ablations/sigmoid_recipe.toml --only=softmax,sigmoid_recipe --seeds=1337
     python ablate.py ablations/sigmoid_recipe.toml --dry_run        # check every run's config, print the commands
     python ablate.py ablations/sigmoid_recipe.toml --report_only    # results.md + val_loss.png from earlier logs
@@ -267,7 +268,8 @@ def main(argv):
     p.add_argument("ablation", help="the ablation file, e.g. ablations/sigmoid_recipe.toml")
     p.add_argument("--seeds", help="comma-separated seeds instead of the file's, e.g. 1337,1338")
     p.add_argument("--only", help="comma-separated run names: run only these (the report covers every run)")
-    p.add_argument("--gpus", default="auto", help="auto (one run per visible GPU at a time) or ids like 0,1")
+    p.add_argument("--gpus", default="auto", help="auto (one run per visible GPU at a time) or ids like 0,1; "
+                   "repeat an id to run several at once on that GPU: 0,1,0,1")
     p.add_argument("--force", action="store_true", help="start every (run, seed) afresh, finished or not")
     p.add_argument("--dry_run", action="store_true", help="check every config and print the commands; run nothing")
     p.add_argument("--report_only", action="store_true", help="only write results.md and val_loss.png from the logs")
