@@ -20,8 +20,8 @@ def load(run):
     log = Path(path) / "log.jsonl"
     if not log.is_file():
         sys.exit(f"error: {log} not found: give out_dir:gpus of finished train.py runs")
-    if gpus and not gpus.isdigit():
-        sys.exit(f"error: {run!r}: the number of GPUs after ':' must be an integer")
+    if gpus and not (gpus.isdigit() and int(gpus) >= 1):
+        sys.exit(f"error: {run!r}: the number of GPUs after ':' must be a whole number >= 1")
     records = [json.loads(line) for line in log.read_text().splitlines() if line.endswith("}")]
     return path, int(gpus or 1), {r["iter"]: r for r in records if "loss" in r}
 
@@ -40,7 +40,8 @@ def main():
     base = None
     for path, gpus, s in runs:
         diff = max((abs(s[it]["loss"] - runs[0][2][it]["loss"]) for it in steps), default=float("nan"))
-        tps = statistics.median(r["tokens_per_s"] for it, r in s.items() if it >= args.skip) if len(s) > args.skip else float("nan")
+        speeds = [r["tokens_per_s"] for it, r in s.items() if it >= args.skip]
+        tps = statistics.median(speeds) if speeds else float("nan")
         base = base or tps / gpus
         print(f"{path}: {gpus} GPU(s), max |loss - first run's| {diff:.4f}, {tps:,.0f} tokens/s, "
               f"{tps / gpus:,.0f} per GPU, scaling efficiency {tps / gpus / base:.1%}")

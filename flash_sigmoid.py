@@ -93,6 +93,9 @@ def flash_sigmoid(q, k, v, causal=True, sigmoid_bias=None, scale=None, alibi_slo
     _check_inputs(q, k, v, sigmoid_bias, alibi_slopes)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_seed is not None and not (torch.is_tensor(dropout_seed) and dropout_seed.shape == (1,) and
+                                         dropout_seed.dtype in (torch.int32, torch.int64) and dropout_seed.device == q.device):
+        raise ValueError(f"dropout_seed must be a (1,) int64 tensor on {q.device}, e.g. torch.tensor([1234], device=q.device)")
     H, T, D = q.shape[1], q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if torch.is_tensor(sigmoid_bias):

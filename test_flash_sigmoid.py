@@ -182,6 +182,9 @@ def test_dropout_mask_follows_the_seed():
     assert torch.equal(fs.flash_sigmoid(q, k, v, dropout_p=0.0), fs.flash_sigmoid(q, k, v))
     with pytest.raises(ValueError, match="dropout_p must be in"):
         fs.flash_sigmoid(q, k, v, dropout_p=1.0)
+    for bad_seed in (7, torch.tensor([7.0], device=DEVICE), torch.zeros(0, dtype=torch.int64, device=DEVICE)):
+        with pytest.raises(ValueError, match=r"dropout_seed must be a \(1,\) int64 tensor"):
+            fs.flash_sigmoid(q, k, v, dropout_p=0.5, dropout_seed=bad_seed)
 
 
 def test_bad_input_is_one_clear_value_error():
