@@ -52,7 +52,7 @@ class TrainConfig:
     n_head: int = opt(6, "query heads per attention layer")
     n_kv_head: int = opt(0, "key/value heads; 0 = same as n_head, fewer = grouped-query attention")
     n_embd: int = opt(384, "embedding width")
-    dropout: float = opt(0.2, "dropout probability; 0.0 for pretraining, 0.1+ for finetuning")
+    dropout: float = opt(0.2, "dropout probability (embeddings, residual branches and attention weights, softmax and sigmoid alike); 0.0 for pretraining, 0.1+ for finetuning")
     bias: bool = opt(False, "bias in Linear and LayerNorm layers (GPT-2 has them)")
     # attention
     attn: str = opt("softmax", "attention kind", choices=("softmax", "sigmoid"))
