@@ -149,8 +149,9 @@ if triton is not None:
     # block a multiple of the smaller one, so blocks meet the diagonal exactly. Forward and dQ walk
     # keys for a tall query block; dK/dV walks queries for a tall key block. Each candidate won at
     # least one shape of `python bench_attention.py --sweep` on an H100 (results/attention_h100.md):
-    # small tiles on 4 warps win at D=64 and at short T (more programs in flight), the 8-warp tiles
-    # at D=128 and long T. The interpreter gets one small shape.
+    # small tiles on 4 warps win the forward nearly everywhere (64x32 even at D=128) and the backward
+    # at D=64; 8-warp tiles win some backward shapes (dQ non-causal, dK/dV at D=128, T=4096).
+    # The interpreter gets one small shape.
     def _configs(gpu_shapes, interpreter_shape):
         shapes = [interpreter_shape] if INTERPRET else gpu_shapes
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
