@@ -3,6 +3,8 @@
     python bench_attention.py                  # check, then the full table
     python bench_attention.py --check-only     # correctness only
     python bench_attention.py --out results/attention_h100.md
+    python bench_attention.py --no-check --cuda-graphs --seq-lens 1024 2048   # GPU time only, no host work
+    python bench_attention.py --sweep          # each kernel's candidate block shapes, one at a time
 
 Peers: the PyTorch reference (eager and torch.compile'd, only up to --ref-max-t: it holds the
 (T, T) scores), SDPA softmax with the flash (FlashAttention-2) and cuDNN backends, and the PyPI
@@ -158,7 +160,12 @@ def exact_sigmoid(q, k, v, causal):
         fs.FAST_SIGMOID = True
 
 
+CUDA_GRAPHS = False  # --cuda-graphs: replay the calls from a CUDA graph, so host work drops out of the time
+
+
 def time_ms(fn, warmup=25, rep=100):
+    if CUDA_GRAPHS:  # no L2 flush between calls here, unlike do_bench
+        return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
@@ -178,6 +185,11 @@ def bench_one(fn, B, H, T, D, causal):
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         return fwd, fwd_bwd, peak
     except torch.OutOfMemoryError:
+        return None
+    except RuntimeError as e:  # a call that cannot be captured in a CUDA graph
+        if not CUDA_GRAPHS:
+            raise
+        print(f"  CUDA graph capture failed: {' '.join(str(e).split())[:200]}")
         return None
     finally:
         torch.cuda.empty_cache()
@@ -200,7 +212,7 @@ def bench(args):
                         continue
                     r = bench_one(fn, B, H, T, D, causal)
                     if r is None:
-                        print(f"{name} D={D} T={T} causal={causal}: out of memory")
+                        print(f"{name} D={D} T={T} causal={causal}: out of memory (or, with --cuda-graphs, not capturable)")
                         continue
                     fwd, fwd_bwd, peak = r
                     rows.append(dict(impl=name, D=D, T=T, causal=causal, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
@@ -337,6 +349,8 @@ if __name__ == "__main__":
     p.add_argument("--out", default="", help="write the markdown table to this file")
     p.add_argument("--sweep", action="store_true", help="time each kernel's candidate block shapes, then stop")
     p.add_argument("--wide-tune", action="store_true", help="autotune among all the --sweep shapes; print the choices")
+    p.add_argument("--cuda-graphs", action="store_true", help="time graph replays: GPU time without the host's "
+                   "per-call work (which dominates at T=1024)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: bench_attention.py needs a CUDA GPU (the CPU tests are test_flash_sigmoid.py)")
@@ -349,6 +363,7 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if args.wide_tune:
         widen_autotune()
+    CUDA_GRAPHS = args.cuda_graphs
     rows = bench(args)
     text = f"# Attention benchmark\n\n{header()}\n\nCommand: `python bench_attention.py {' '.join(a for a in __import__('sys').argv[1:])}`\n\n{table(rows, args)}\n{autotune_choices()}\n"
     print(text)
