@@ -240,11 +240,16 @@ SWEEP_SHAPES = [(64, 1024, True), (64, 2048, True), (128, 1024, True), (128, 409
 KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
 
 
+def block_config(shape):
+    m, n, warps, stages = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+
+
 def widen_autotune():
     """Let each kernel's autotuner choose among every SWEEP shape instead of its short list."""
     for name, attr in KERNELS.items():
         kernel = getattr(fs, attr)
-        kernel.configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in SWEEP[name]]
+        kernel.configs = [block_config(shape) for shape in SWEEP[name]]
         kernel.cache = {}
 
 
@@ -280,7 +285,7 @@ def sweep(args):
                 if causal and (m % n if name != "dkdv" else n % m):
                     continue
                 for other, kernel in kernels.items():  # this config for this kernel, the first for the others
-                    kernel.configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)] \
+                    kernel.configs = [block_config(shape)] \
                         if other == name else saved[other][:1]
                     kernel.cache = {}
                 try:
@@ -289,7 +294,7 @@ def sweep(args):
                     print(f"  {name} {shape}: failed ({type(e).__name__})")
                     continue
                 results.append((n_matmuls * matmul / ms / 1e9, shape))
-            best = max(results)
+            best = max(results, default=None)  # None when every shape failed
             print(f"D={D} T={T} causal={causal!s:5} {name:4}: " + "  ".join(
                 f"{s}:{t:.0f}{'*' if (t, s) == best else ''}" for t, s in results), flush=True)
     for kernel, configs in zip(kernels.values(), saved.values()):
