@@ -5,10 +5,12 @@
     python bench_attention.py --out results/attention_h100.md
     python bench_attention.py --no-check --cuda-graphs --seq-lens 1024 2048   # GPU time only, no host work
     python bench_attention.py --sweep          # each kernel's candidate block shapes, one at a time
+    git show HEAD~1:flash_sigmoid.py > /tmp/old.py && python bench_attention.py --baseline /tmp/old.py
 
 Peers: the PyTorch reference (eager and torch.compile'd, only up to --ref-max-t: it holds the
 (T, T) scores), SDPA softmax with the flash (FlashAttention-2) and cuDNN backends, and the PyPI
-package triton-sigmoid when it is installed. bf16, B*T = 16k tokens, 16 heads. FLOPs count
+package triton-sigmoid when it is installed; --baseline adds another copy of flash_sigmoid.py
+(an older commit's, say) as the peer "baseline", so a kernel change is timed against its parent in one run. bf16, B*T = 16k tokens, 16 heads. FLOPs count
 4*B*H*T*T*D for the forward (half when causal) and 2.5x that for the backward.
 """
 import argparse
@@ -132,7 +134,18 @@ def sdpa(backend):
     return run
 
 
-def peers(ref_max_t):
+def load_baseline(path):
+    """Another flash_sigmoid.py as a module; its custom ops renamed so both files can register them."""
+    import types
+    source = open(path).read().replace("flash_sigmoid::", "flash_sigmoid_baseline::")
+    module = types.ModuleType("flash_sigmoid_baseline")
+    module.__file__ = path
+    exec(compile(source.replace("torch.ops.flash_sigmoid.", "torch.ops.flash_sigmoid_baseline."), path, "exec"),
+         module.__dict__)
+    return module
+
+
+def peers(ref_max_t, baseline=""):
     """name -> (fn(q, k, v, causal), max T or None)."""
     impls = {
         "flash_sigmoid": (lambda q, k, v, c: fs.flash_sigmoid(q, k, v, causal=c), None),
@@ -143,6 +156,9 @@ def peers(ref_max_t):
         "torch_ref": (lambda q, k, v, c: fs.sigmoid_attention_reference(q, k, v, causal=c), ref_max_t),
         "torch_ref_compiled": (torch.compile(fs.sigmoid_attention_reference, dynamic=False), ref_max_t),
     }
+    if baseline:
+        old = load_baseline(baseline)
+        impls["baseline"] = (lambda q, k, v, c: old.flash_sigmoid(q, k, v, causal=c), None)
     try:
         import triton_sigmoid  # takes (B, T, H, D)
         impls["triton_sigmoid"] = (lambda q, k, v, c: triton_sigmoid.sigmoid_attention(
@@ -196,7 +212,7 @@ def bench_one(fn, B, H, T, D, causal):
 
 
 def bench(args):
-    impls = peers(args.ref_max_t)
+    impls = peers(args.ref_max_t, args.baseline)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     time_ms(lambda: a @ a)  # wake the GPU up to its clocks before the first timed kernel
     names = [n for n in args.impls.split(",") if n in impls] if args.impls else list(impls)
@@ -350,6 +366,7 @@ if __name__ == "__main__":
     p.add_argument("--tokens", type=int, default=16384, help="B*T per shape")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--ref-max-t", type=int, default=1024, help="longest T for the (T, T)-memory reference")
+    p.add_argument("--baseline", default="", help="another flash_sigmoid.py to time as the peer 'baseline'")
     p.add_argument("--impls", default="", help="comma-separated subset of implementations")
     p.add_argument("--out", default="", help="write the markdown table to this file")
     p.add_argument("--sweep", action="store_true", help="time each kernel's candidate block shapes, then stop")
