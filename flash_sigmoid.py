@@ -17,7 +17,8 @@ Philox from (seed, batch*head, query, key), so the backward regenerates the forw
 O = P_drop V, dV = P_drop^T dO, dS = P (1 - P) * (dO V^T) * keep / (1 - p).
 
 Layout: q (B, H, T, D), k and v (B, H_kv, T, D) with H a multiple of H_kv, last dim contiguous
-(the layout of F.scaled_dot_product_attention). Head dims 16, 32, 64, 128. Any T.
+(the layout of F.scaled_dot_product_attention). The output is (B, H, T, D) with the memory layout of
+(B, T, H, D), as SDPA's. Head dims 16, 32, 64, 128. Any T.
 """
 import math
 import os
@@ -211,7 +212,7 @@ if triton is not None:
     @triton.jit
     def _fwd_kernel(Q, K, V, O, Bias, Slopes, Seed,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                    stride_vb, stride_vh, stride_vt,
+                    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                     H, GROUP, T, scale, dropout_p,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
@@ -241,7 +242,7 @@ if triton is not None:
             acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, T, T,
                              half_scale, half_bias, half_slope, seed, bh, dropout_p,
                              HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
-        tl.store(O + ((b * H + h) * T + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],  # O is contiguous
+        tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
                  acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
 
     @triton.jit
@@ -277,6 +278,7 @@ if triton is not None:
     def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Bias, Slopes, Seed, DBias,
                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                         stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
                          H, GROUP, T, scale, dropout_p,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_GRAD: tl.constexpr,
@@ -315,9 +317,10 @@ if triton is not None:
                                          HEAD_DIM, BLOCK_M, False, HAS_ALIBI, BIAS_GRAD, DROPOUT, FAST)
             if BIAS_GRAD:  # one partial sum per (batch, head, key block); the launcher adds them
                 tl.store(DBias + (tl.program_id(0) * tl.num_programs(1) * GROUP) + b * H + h, db)
-        out = ((b * H_kv + hk) * T + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]  # dK, dV are contiguous
-        tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < T)
-        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < T)
+        tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < T)
+        tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < T)
 
     @triton.jit
     def _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
@@ -345,6 +348,7 @@ if triton is not None:
     def _bwd_dq_kernel(Q, K, V, DO, DQ, Bias, Slopes, Seed,
                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                        stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                       stride_dqb, stride_dqh, stride_dqt,
                        H, GROUP, T, scale, dropout_p,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
@@ -376,7 +380,7 @@ if triton is not None:
             dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, T, T,
                            half_scale, half_bias, half_slope, seed, bh, dropout_p,
                            HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
-        tl.store(DQ + ((b * H + h) * T + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],  # dQ is contiguous
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
 
     @triton.jit
@@ -395,6 +399,13 @@ def dropout_keep_mask(seed, B, H, T, dropout_p):
     return keep.bool()
 
 
+def _output_like(q):
+    """(B, H, T, D) laid out as (B, T, H, D) in memory, as SDPA returns it: the heads of a token side by
+    side, so the caller's y.transpose(1, 2).contiguous().view(B, T, C) costs no copy."""
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2)
+
+
 def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -402,11 +413,11 @@ def _strides(t):
 def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optional[Tensor], seed: Optional[Tensor],
                     dropout_p: float, causal: bool, scale: float) -> Tensor:
     B, H, T, D = q.shape
-    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    o = _output_like(q)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     # bias stands in for the pointers a launch without ALiBi or dropout never reads
     _fwd_kernel[grid](q, k, v, o, bias, bias if slopes is None else slopes, bias if seed is None else seed,
-                      *_strides(q), *_strides(k), *_strides(v), H, H // k.shape[1], T, scale, dropout_p,
+                      *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, H // k.shape[1], T, scale, dropout_p,
                       HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, DROPOUT=seed is not None,
                       FAST=FAST_SIGMOID)
     return o
@@ -417,21 +428,25 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
                      bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, H, T, D = q.shape
     H_kv = k.shape[1]
-    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    # each gradient in its input's memory layout (as SDPA's backward): for q, k, v sliced out of one
+    # qkv projection, the caller's concatenation of the three is then a plain copy, not a transpose
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, DROPOUT=seed is not None, FAST=FAST_SIGMOID)
     slopes = bias if slopes is None else slopes  # placeholder pointers for what the launch never reads
     seed = bias if seed is None else seed
     # (key blocks, B, H) partial sums of dS; sized for the smallest block, unused rows stay zero
-    dbias_partial = torch.zeros((triton.cdiv(T, 16), B, H) if bias_grad else (1,), device=q.device, dtype=torch.float32)
+    # without bias_grad an unwritten placeholder: no fill kernel to launch (host time counts at short T)
+    dbias_partial = (torch.zeros if bias_grad else torch.empty)(
+        (triton.cdiv(T, 16), B, H) if bias_grad else (1,), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)
     _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, bias, slopes, seed, dbias_partial,
-                           *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                           *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
                            H, H // H_kv, T, scale, dropout_p, BIAS_GRAD=bias_grad, **common)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     _bwd_dq_kernel[grid](q, k, v, do, dq, bias, slopes, seed,
-                         *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
                          H, H // H_kv, T, scale, dropout_p, **common)
-    dbias = dbias_partial.sum(dim=(0, 1)) if bias_grad else torch.zeros_like(bias)
+    dbias = dbias_partial.sum(dim=(0, 1)) if bias_grad else torch.empty_like(bias)  # unused: autograd gets None
     return dq, dk, dv, dbias
 
 
@@ -448,7 +463,7 @@ def _backward_through(launch_backward):
             do = do.contiguous()
         dq, dk, dv, dbias = launch_backward(do, q, k, v, bias, slopes, seed, ctx.dropout_p, ctx.causal,
                                             ctx.scale, ctx.needs_input_grad[3])
-        return dq, dk, dv, dbias, None, None, None, None, None
+        return dq, dk, dv, dbias if ctx.needs_input_grad[3] else None, None, None, None, None, None
     return backward
 
 
@@ -472,12 +487,12 @@ _backward_op = torch.library.custom_op("flash_sigmoid::backward", _launch_backwa
 
 @_forward_op.register_fake
 def _(q, k, v, bias, slopes, seed, dropout_p, causal, scale):
-    return q.new_empty(q.shape)
+    return _output_like(q)
 
 
 @_backward_op.register_fake
 def _(do, q, k, v, bias, slopes, seed, dropout_p, causal, scale, bias_grad):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), bias.new_empty(bias.shape)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), bias.new_empty(bias.shape)
 
 
 torch.library.register_autograd("flash_sigmoid::forward", _backward_through(torch.ops.flash_sigmoid.backward),

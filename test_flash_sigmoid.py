@@ -127,6 +127,20 @@ def test_strided_views_of_one_qkv_tensor():
     assert rel_err(got.cpu(), qkv64.grad) < 2e-6
 
 
+def test_output_has_sdpa_memory_layout():
+    """Like SDPA: the output is (B, H, T, D) stored as (B, T, H, D), so the model's transpose back to
+    (B, T, C) is free, and each gradient has its input's layout, so concatenating dq, dk, dv is a plain copy."""
+    q, k, v = make_inputs(2, 3, 3, 21, 16, torch.float32, 13)
+    out = fs.flash_sigmoid(q, k, v, causal=True)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    compiled = torch.compile(lambda q, k, v: fs.flash_sigmoid(q, k, v, causal=True), backend="aot_eager", fullgraph=True)
+    assert compiled(q, k, v).stride() == out.stride()  # the fake (meta) output agrees with the real one
+    qkv = torch.randn(2, 21, 3, 3, 16, device=DEVICE, requires_grad=True)  # the model's q, k, v: views of one projection
+    views = [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+    grads = torch.autograd.grad(fs.flash_sigmoid(*views, causal=True).sum(), views)
+    assert all(g.stride() == torch.empty_like(x).stride() for g, x in zip(grads, views))  # each in its input's layout
+
+
 def test_bias_gradient_is_right_on_the_first_call_while_autotuning(monkeypatch):
     """The autotuner runs every dK/dV candidate on one partial-sum buffer; a winner with bigger key
     blocks writes fewer rows, so rows a loser wrote must not survive into d bias."""
