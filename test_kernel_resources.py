@@ -1,0 +1,33 @@
+"""kernel_resources.py compiles the real kernels for an H100 on a machine without a GPU."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(*args, interpret=False):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "kernel_resources.py", *args], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_reports_registers_spills_and_shared_memory_per_config():
+    out = run("--head-dims", "16", "--kernels", "fwd", "--causal", "yes")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("fwd")]
+    assert len(rows) == 4  # one per forward autotune config
+    for row in rows:
+        registers, spill, shared_kib = int(row[-3]), int(row[-2]), float(row[-1])
+        assert 16 <= registers <= 255 and spill >= 0 and 0 < shared_kib <= 227
+
+
+def test_refuses_the_interpreter_and_bad_kernel_names():
+    out = run(interpret=True)
+    assert out.returncode != 0 and "unset TRITON_INTERPRET" in out.stderr
+    out = run("--kernels", "fwd,bwd")
+    assert out.returncode != 0 and re.search(r"--kernels takes fwd, dkdv, dq; got 'bwd'", out.stderr)
