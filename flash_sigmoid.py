@@ -100,7 +100,7 @@ def flash_sigmoid(q, k, v, causal=True, sigmoid_bias=None, scale=None, alibi_slo
     H, T, D = q.shape[1], q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if torch.is_tensor(sigmoid_bias):
-        bias = sigmoid_bias.float()
+        bias = sigmoid_bias.float().contiguous()  # the kernels read Bias + h
     else:
         b = -math.log(T) if sigmoid_bias is None else float(sigmoid_bias)
         bias = torch.full((H,), b, device=q.device, dtype=torch.float32)
@@ -406,6 +406,14 @@ def _output_like(q):
     return q.new_empty(B, T, H, D).transpose(1, 2)
 
 
+def _grad_like(x):
+    """A gradient in its input's memory layout, as SDPA's backward gives it: for q, k, v sliced out of
+    one qkv projection, the caller's concatenation of the three is then a plain copy, not a transpose.
+    Contiguous when that layout would not keep the head dim innermost (e.g. an unfold view)."""
+    g = torch.empty_like(x)
+    return g if g.stride(-1) == 1 else torch.empty(x.shape, device=x.device, dtype=x.dtype)
+
+
 def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -428,9 +436,7 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
                      bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, H, T, D = q.shape
     H_kv = k.shape[1]
-    # each gradient in its input's memory layout (as SDPA's backward): for q, k, v sliced out of one
-    # qkv projection, the caller's concatenation of the three is then a plain copy, not a transpose
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
     common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, DROPOUT=seed is not None, FAST=FAST_SIGMOID)
     slopes = bias if slopes is None else slopes  # placeholder pointers for what the launch never reads
     seed = bias if seed is None else seed
@@ -492,7 +498,7 @@ def _(q, k, v, bias, slopes, seed, dropout_p, causal, scale):
 
 @_backward_op.register_fake
 def _(do, q, k, v, bias, slopes, seed, dropout_p, causal, scale, bias_grad):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), bias.new_empty(bias.shape)
+    return _grad_like(q), _grad_like(k), _grad_like(v), bias.new_empty(bias.shape)
 
 
 torch.library.register_autograd("flash_sigmoid::forward", _backward_through(torch.ops.flash_sigmoid.backward),

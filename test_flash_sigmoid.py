@@ -127,18 +127,47 @@ def test_strided_views_of_one_qkv_tensor():
     assert rel_err(got.cpu(), qkv64.grad) < 2e-6
 
 
-def test_output_has_sdpa_memory_layout():
+def test_output_and_gradients_have_sdpa_memory_layout():
     """Like SDPA: the output is (B, H, T, D) stored as (B, T, H, D), so the model's transpose back to
     (B, T, C) is free, and each gradient has its input's layout, so concatenating dq, dk, dv is a plain copy."""
-    q, k, v = make_inputs(2, 3, 3, 21, 16, torch.float32, 13)
-    out = fs.flash_sigmoid(q, k, v, causal=True)
-    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
-    compiled = torch.compile(lambda q, k, v: fs.flash_sigmoid(q, k, v, causal=True), backend="aot_eager", fullgraph=True)
-    assert compiled(q, k, v).stride() == out.stride()  # the fake (meta) output agrees with the real one
     qkv = torch.randn(2, 21, 3, 3, 16, device=DEVICE, requires_grad=True)  # the model's q, k, v: views of one projection
     views = [qkv[:, :, i].transpose(1, 2) for i in range(3)]
-    grads = torch.autograd.grad(fs.flash_sigmoid(*views, causal=True).sum(), views)
-    assert all(g.stride() == torch.empty_like(x).stride() for g, x in zip(grads, views))  # each in its input's layout
+    out = fs.flash_sigmoid(*views, causal=True)
+    assert out.transpose(1, 2).is_contiguous()
+    grads = torch.autograd.grad(out.sum(), views)
+    assert all(g.transpose(1, 2).is_contiguous() for g in grads)
+
+
+def test_gradients_stay_right_when_the_input_layout_has_the_head_dim_inside():
+    """An unfold view (strides (H*20, 20, 1, 1)) would make empty_like put T innermost; the kernels
+    assume a unit stride on the head dim, so such gradients are allocated contiguous instead."""
+    bases = [torch.randn(2, 3, 20, device=DEVICE, requires_grad=True) for _ in range(3)]
+    q, k, v = (b.unfold(2, 16, 1) for b in bases)  # (2, 3, 5, 16), overlapping rows
+    assert torch.empty_like(q).stride(-1) != 1  # the case this guards
+    for causal in (True, False):
+        got = torch.autograd.grad(fs.flash_sigmoid(q, k, v, causal=causal).square().sum(), bases)
+        bases64 = [b.detach().double().cpu().requires_grad_() for b in bases]
+        ref = sigmoid_attention_f64(*(b.unfold(2, 16, 1) for b in bases64), causal, [-math.log(5)] * 3)
+        want = torch.autograd.grad(ref.square().sum(), bases64)
+        assert all(rel_err(g.cpu(), w) < 2e-6 for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("layout", ["qkv views", "contiguous", "size-1 dims"])
+def test_custom_ops_fake_kernels_match_the_real_ones(layout):
+    """torch.compile plans memory from the fake (meta) kernels: their shapes and strides must be the real ones."""
+    B, H, H_kv, T, D = (1, 1, 1, 1, 16) if layout == "size-1 dims" else (2, 4, 2, 19, 16)
+    if layout == "qkv views":
+        qkv = torch.randn(B, T, H + 2 * H_kv, D, device=DEVICE)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split([H, H_kv, H_kv], dim=2))
+    else:
+        q, k, v = make_inputs(B, H, H_kv, T, D, torch.float32, 17)
+    bias = torch.full((H,), -2.0, device=DEVICE)
+    do = torch.randn(B, T, H, D, device=DEVICE).transpose(1, 2)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.flash_sigmoid.forward.default, (q, k, v, bias, None, None, 0.0, True, 0.25),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.flash_sigmoid.backward.default, (do, q, k, v, bias, None, None, 0.0, True, 0.25, True),
+                          test_utils=checks)
 
 
 def test_bias_gradient_is_right_on_the_first_call_while_autotuning(monkeypatch):
