@@ -17,6 +17,7 @@ import argparse
 import datetime
 import math
 import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +141,7 @@ def load_baseline(path):
     source = open(path).read().replace("flash_sigmoid::", "flash_sigmoid_baseline::")
     module = types.ModuleType("flash_sigmoid_baseline")
     module.__file__ = path
+    sys.modules[module.__name__] = module  # torch.compile looks functions' modules up by name
     exec(compile(source.replace("torch.ops.flash_sigmoid.", "torch.ops.flash_sigmoid_baseline."), path, "exec"),
          module.__dict__)
     return module
@@ -387,7 +389,7 @@ if __name__ == "__main__":
         widen_autotune()
     CUDA_GRAPHS = args.cuda_graphs
     rows = bench(args)
-    text = f"# Attention benchmark\n\n{header()}\n\nCommand: `python bench_attention.py {' '.join(a for a in __import__('sys').argv[1:])}`\n\n{table(rows, args)}\n{autotune_choices()}\n"
+    text = f"# Attention benchmark\n\n{header()}\n\nCommand: `python bench_attention.py {' '.join(sys.argv[1:])}`\n\n{table(rows, args)}\n{autotune_choices()}\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:
