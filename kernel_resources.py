@@ -6,8 +6,10 @@ machine: every kernel is compiled for an H100 (sm_90) without a GPU, and ptxas r
 
 Use it before spending GPU time on a block-shape or kernel change. A thread has at most 255
 registers; "spill" bytes are registers moved to local memory, and shared memory above 227 KiB per
-program does not launch. Session 3 found every D=128 config at 255 registers with spills, and that
-removing them (TMA loads) did not make the kernels faster: results/attention_h100.md.
+program does not launch. Each kernel is compiled as a model-shaped launch specialises it (aligned
+pointers, integers divisible by 16 marked, GROUP=1 folded): compiled without that, the counts
+come out far higher, which sent session 3 after a register problem the real kernels did not have
+(results/attention_h100.md). Counts differ between Triton versions: run it with the GPU's.
 """
 import argparse
 import os
@@ -23,6 +25,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import native_specialize_impl
 
 import flash_sigmoid as fs
 
@@ -30,19 +34,48 @@ H100 = GPUTarget("cuda", 90, 32)  # compute capability 9.0, 32-thread warps
 KERNELS = {"fwd": fs._fwd_kernel, "dkdv": fs._bwd_dkdv_kernel, "dq": fs._bwd_dq_kernel}
 
 
-def pointer_and_scalar_types(dtype):
-    """Triton signature types of the kernels' non-constexpr arguments; unnamed ones are int32."""
-    types = {name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")}
-    types.update({name: "*fp32" for name in ("Bias", "Slopes", "DBias")})
-    types.update(Seed="*i64", scale="fp32", dropout_p="fp32")
-    return types
+def launch_arguments(dtype, D, T, H, group):
+    """The kernels' non-constexpr arguments as the model launches them: q, k, v sliced from one
+    (B, T, H + 2 H_kv, D) projection; O, dO and the gradients in (B, T, H, D) memory. Values matter:
+    Triton specialises each launch on them (see launch_signature)."""
+    H_kv = H // group
+    width = (H + 2 * H_kv) * D  # the qkv projection's row
+    strides = dict(q=(T * width, D, width), k=(T * width, D, width), v=(T * width, D, width),
+                   o=(T * H * D, D, H * D), do=(T * H * D, D, H * D), dq=(T * H * D, D, H * D),
+                   dk=(T * H_kv * D, D, H_kv * D), dv=(T * H_kv * D, D, H_kv * D))
+    args = {f"stride_{name}{dim}": s for name, st in strides.items() for dim, s in zip("bht", st)}
+    args.update(H=H, GROUP=group, T=T, scale=1.0 / D ** 0.5, dropout_p=0.1)
+    args.update({name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")})
+    args.update(Bias="*fp32", Slopes="*fp32", DBias="*fp32", Seed="*i64")
+    return args
 
 
-def resources(kernel, config, constexprs, types):
+def launch_signature(kernel, constexprs, args):
+    """Signature, constants and attributes as Triton's launcher derives them from the values:
+    pointers 16-byte aligned (every torch allocation is), integers divisible by 16 marked so (it
+    vectorises loads), integers equal to 1 folded into constants, floats left alone."""
+    backend = make_backend(H100)
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(kernel.fn.arg_names):
+        value = args.get(name)
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif isinstance(value, str):  # a pointer
+            signature[name], attrs[(i,)] = value, backend.parse_attr("D")
+        else:
+            kind, attr = native_specialize_impl(backend, value, False, True, True)
+            signature[name] = kind
+            if kind == "constexpr":
+                constants[name] = attr
+            elif isinstance(attr, str):
+                attrs[(i,)] = backend.parse_attr(attr)
+    return signature, constants, attrs
+
+
+def resources(kernel, config, constexprs, args):
     """(registers per thread, spill store bytes, shared memory bytes) of one compiled config."""
-    constexprs = {**constexprs, **config.kwargs}
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.fn.arg_names}
-    compiled = triton.compile(ASTSource(kernel.fn, signature, constexprs), target=H100,
+    signature, constants, attrs = launch_signature(kernel, {**constexprs, **config.kwargs}, args)
+    compiled = triton.compile(ASTSource(kernel.fn, signature, constants, attrs), target=H100,
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
@@ -61,6 +94,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--seq-len", type=int, default=4096, help="T (only whether it divides by 16 matters)")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--group", type=int, default=1, help="query heads per key/value head (GQA)")
     p.add_argument("--kernels", default="fwd,dkdv,dq", help="comma-separated subset of fwd, dkdv, dq")
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--dropout", action="store_true", help="the kernels with attention dropout compiled in")
@@ -69,7 +105,8 @@ def main():
     for name in args.kernels.split(","):
         if name not in KERNELS:
             sys.exit(f"error: --kernels takes fwd, dkdv, dq; got {name!r}")
-    print(f"triton {triton.__version__}, sm_90, {args.dtype}; config = (BLOCK_M, BLOCK_N, warps, stages)")
+    print(f"triton {triton.__version__}, sm_90, {args.dtype}, T={args.seq_len}, {args.heads} heads, group {args.group}; "
+          "config = (BLOCK_M, BLOCK_N, warps, stages)")
     print(f"{'kernel':6} {'D':>4} causal {'config':18} {'registers':>9} {'spill B':>8} {'shared KiB':>10}")
     for D in args.head_dims:
         for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
@@ -80,7 +117,8 @@ def main():
                     constexprs["BIAS_GRAD"] = False
                 for config in kernel.configs:
                     shape = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
-                    regs, spill, shared = resources(kernel, config, constexprs, pointer_and_scalar_types(args.dtype))
+                    launch = launch_arguments(args.dtype, D, args.seq_len, args.heads, args.group)
+                    regs, spill, shared = resources(kernel, config, constexprs, launch)
                     print(f"{name:6} {D:4} {causal!s:6} {str(shape):18} {regs:9} {spill:8} {shared / 1024:10.1f}", flush=True)
 
 
