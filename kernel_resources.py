@@ -105,6 +105,9 @@ def main():
     for name in args.kernels.split(","):
         if name not in KERNELS:
             sys.exit(f"error: --kernels takes fwd, dkdv, dq; got {name!r}")
+    for D in args.head_dims:
+        if D not in fs.SUPPORTED_HEAD_DIMS:
+            sys.exit(f"error: --head-dims takes {', '.join(map(str, fs.SUPPORTED_HEAD_DIMS))} (the kernel's); got {D}")
     print(f"triton {triton.__version__}, sm_90, {args.dtype}, T={args.seq_len}, {args.heads} heads, group {args.group}; "
           "config = (BLOCK_M, BLOCK_N, warps, stages)")
     print(f"{'kernel':6} {'D':>4} causal {'config':18} {'registers':>9} {'spill B':>8} {'shared KiB':>10}")

@@ -26,8 +26,10 @@ def test_reports_registers_spills_and_shared_memory_per_config():
         assert 16 <= registers <= 255 and spill >= 0 and 0 < shared_kib <= 227
 
 
-def test_refuses_the_interpreter_and_bad_kernel_names():
+def test_refuses_the_interpreter_and_bad_arguments_in_one_line():
     out = run(interpret=True)
     assert out.returncode != 0 and "unset TRITON_INTERPRET" in out.stderr
     out = run("--kernels", "fwd,bwd")
     assert out.returncode != 0 and re.search(r"--kernels takes fwd, dkdv, dq; got 'bwd'", out.stderr)
+    out = run("--head-dims", "48")
+    assert out.returncode != 0 and "--head-dims takes 16, 32, 64, 128 (the kernel's); got 48" in out.stderr
