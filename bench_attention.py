@@ -10,8 +10,9 @@
 Peers: the PyTorch reference (eager and torch.compile'd, only up to --ref-max-t: it holds the
 (T, T) scores), SDPA softmax with the flash (FlashAttention-2) and cuDNN backends, and the PyPI
 package triton-sigmoid when it is installed; --baseline adds another copy of flash_sigmoid.py
-(an older commit's, say) as the peer "baseline", so a kernel change is timed against its parent in one run. bf16, B*T = 16k tokens, 16 heads. FLOPs count
-4*B*H*T*T*D for the forward (half when causal) and 2.5x that for the backward.
+(an older commit's, say) as the peer "baseline", so a kernel change is timed against its parent in
+one run. bf16, B*T = 16k tokens, 16 heads. FLOPs count 4*B*H*T*T*D for the forward (half when
+causal) and 2.5x that for the backward.
 """
 import argparse
 import datetime
