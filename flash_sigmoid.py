@@ -149,7 +149,7 @@ if triton is not None:
     # Autotuned block shapes, (BLOCK_M, BLOCK_N, num_warps, num_stages). Causal needs the larger
     # block a multiple of the smaller one, so blocks meet the diagonal exactly. Forward and dQ walk
     # keys for a tall query block; dK/dV walks queries for a tall key block. Each candidate won at
-    # least one shape of `python bench_attention.py --sweep` on an H100 (results/attention_h100.md):
+    # least one shape of `python benchmarks/bench_attention.py --sweep` on an H100 (results/attention_h100.md):
     # small tiles on 4 warps win the forward nearly everywhere (64x32 even at D=128) and the backward
     # at D=64; 8-warp tiles win some backward shapes (dQ non-causal, dK/dV at D=128, T=4096).
     # The interpreter gets one small shape.

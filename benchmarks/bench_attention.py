@@ -1,11 +1,11 @@
 """Check flash_sigmoid against float64 on the GPU, then time it beside its peers in one process.
 
-    python bench_attention.py                  # check, then the full table
-    python bench_attention.py --check-only     # correctness only
-    python bench_attention.py --out results/attention_h100.md
-    python bench_attention.py --no-check --cuda-graphs --seq-lens 1024 2048   # GPU time only, no host work
-    python bench_attention.py --sweep          # each kernel's candidate block shapes, one at a time
-    git show HEAD~1:flash_sigmoid.py > /tmp/old.py && python bench_attention.py --baseline /tmp/old.py
+    python benchmarks/bench_attention.py                  # check, then the full table
+    python benchmarks/bench_attention.py --check-only     # correctness only
+    python benchmarks/bench_attention.py --out results/attention_h100.md
+    python benchmarks/bench_attention.py --no-check --cuda-graphs --seq-lens 1024 2048   # GPU time only, no host work
+    python benchmarks/bench_attention.py --sweep          # each kernel's candidate block shapes, one at a time
+    git show HEAD~1:flash_sigmoid.py > /tmp/old.py && python benchmarks/bench_attention.py --baseline /tmp/old.py
 
 Peers: the PyTorch reference (eager and torch.compile'd, only up to --ref-max-t: it holds the
 (T, T) scores), SDPA softmax with the flash (FlashAttention-2) and cuDNN backends, and the PyPI
@@ -19,13 +19,15 @@ import datetime
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import flash_sigmoid as fs
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: flash_sigmoid.py, model.py
+import flash_sigmoid as fs  # noqa: E402
 
 torch._dynamo.config.cache_size_limit = 64  # the compiled reference recompiles for every shape
 
@@ -390,7 +392,7 @@ if __name__ == "__main__":
         widen_autotune()
     CUDA_GRAPHS = args.cuda_graphs
     rows = bench(args)
-    text = f"# Attention benchmark\n\n{header()}\n\nCommand: `python bench_attention.py {' '.join(sys.argv[1:])}`\n\n{table(rows, args)}\n{autotune_choices()}\n"
+    text = f"# Attention benchmark\n\n{header()}\n\nCommand: `python benchmarks/bench_attention.py {' '.join(sys.argv[1:])}`\n\n{table(rows, args)}\n{autotune_choices()}\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:

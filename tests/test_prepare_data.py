@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"  # the repo's sibling folder, wherever it is cloned
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # the repo's sibling folder, wherever it is cloned
 os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")  # gpt2 encoding with no network
 
 import prepare_data  # noqa: E402  (after TIKTOKEN_CACHE_DIR)

@@ -7,6 +7,7 @@ import dataclasses
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ import torch
 import sample
 from configurable import TrainConfig, config_to_dict
 from model import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parent.parent  # the repository root
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -47,7 +50,7 @@ def test_sample_prints_text(tmp_path, capsys, attn):
 def test_sample_script_runs_from_the_command_line(tmp_path):
     write_checkpoint(tmp_path, attn="sigmoid", sigmoid_bias="learnable", pos_emb="alibi")
     (tmp_path / "prompt.txt").write_text("To be")
-    result = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}", f"--start=FILE:{tmp_path / 'prompt.txt'}",
+    result = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--out_dir={tmp_path}", f"--start=FILE:{tmp_path / 'prompt.txt'}",
                              "--num_samples=1", "--max_new_tokens=10", "--temperature=0"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("To be") and "---------------" in result.stdout

@@ -1,8 +1,8 @@
 """Registers, spills and shared memory of flash_sigmoid's kernels for each autotune config, on any
 machine: every kernel is compiled for an H100 (sm_90) without a GPU, and ptxas reports what it uses.
 
-    python kernel_resources.py                           # bf16, head dims 64 and 128, causal and not
-    python kernel_resources.py --head-dims 128 --dtype fp16 --dropout --alibi
+    python benchmarks/kernel_resources.py                           # bf16, head dims 64 and 128, causal and not
+    python benchmarks/kernel_resources.py --head-dims 128 --dtype fp16 --dropout --alibi
 
 Use it before spending GPU time on a block-shape or kernel change. A thread has at most 255
 registers; "spill" bytes are registers moved to local memory, and shared memory above 227 KiB per
@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 import tempfile
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -28,7 +29,8 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import native_specialize_impl
 
-import flash_sigmoid as fs
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: flash_sigmoid.py, model.py
+import flash_sigmoid as fs  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)  # compute capability 9.0, 32-thread warps
 KERNELS = {"fwd": fs._fwd_kernel, "dkdv": fs._bwd_dkdv_kernel, "dq": fs._bwd_dq_kernel}

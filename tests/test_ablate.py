@@ -8,7 +8,7 @@ import pytest
 
 from prepare_data import prepare
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent  # the repository root
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_interval=3, eval_iters=1,
             log_interval=1, warmup_iters=2, lr_decay_iters=6, compile=False, device="cpu", sample_tokens=0,
             log_attn_norm=True)
@@ -29,7 +29,7 @@ def write_ablation(tmp, runs=RUNS, name="ablation.toml", **overrides):
 
 
 def ablate(*args, timeout=120):
-    return subprocess.run([sys.executable, "ablate.py", *map(str, args)], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "tools/ablate.py", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 

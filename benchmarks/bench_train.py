@@ -1,7 +1,7 @@
 """Training speed on synthetic tokens: softmax vs sigmoid attention, torch.compile on and off.
 
-    python bench_train.py presets/gpt2_124m.toml --batch_size=12
-    python bench_train.py presets/gpt2_124m.toml --block_size=4096 --batch_size=3 --variants=softmax:1,sigmoid:1
+    python benchmarks/bench_train.py presets/gpt2_124m.toml --batch_size=12
+    python benchmarks/bench_train.py presets/gpt2_124m.toml --block_size=4096 --batch_size=3 --variants=softmax:1,sigmoid:1
 
 Model keys come from the presets and --key=value overrides, as train.py takes them. Each variant
 (attn:compile) builds the model, runs --warmup steps (compilation happens there), then times
@@ -13,12 +13,14 @@ GPU's busy time against the step time (a step much longer than its kernels is la
 import argparse
 import datetime
 import sys
+from pathlib import Path
 import time
 
 import torch
 
-from configurable import TrainConfig, parse_args
-from model import GPT, GPTConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: flash_sigmoid.py, model.py
+from configurable import TrainConfig, parse_args  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 
 def bench_variant(cfg, attn, compile, iters, warmup, profile=False, vocab_size=50257):
@@ -81,7 +83,7 @@ def main():
     p.add_argument("--out", default="", help="append the markdown table to this file")
     p.add_argument("--profile", action="store_true", help="print each variant's costliest GPU kernels")
     args, rest = p.parse_known_args()
-    cfg = parse_args(rest, TrainConfig, prog="bench_train.py")
+    cfg = parse_args(rest, TrainConfig, prog="benchmarks/bench_train.py")
     if not torch.cuda.is_available():
         sys.exit("error: bench_train.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -96,7 +98,7 @@ def main():
         torch.cuda.empty_cache()
     model_desc = f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}, batch {cfg.batch_size}"
     lines = [f"### {torch.cuda.get_device_name()}, {datetime.date.today()}, torch {torch.__version__}: {model_desc}", "",
-             f"Command: `python bench_train.py {' '.join(sys.argv[1:])}`", "",
+             f"Command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`", "",
              "| attn | compile | ms/iter | tokens/s | MFU | peak GiB | tokens/s vs first row |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['attn']} | {'on' if r['compile'] else 'off'} | {r['ms']:.1f} | {r['tok_s']:,.0f} | {format_mfu(r['mfu'])} | "

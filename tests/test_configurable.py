@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 import configurable
 from configurable import ConfigError, TrainConfig, config_from_dict, config_to_dict, opt, parse_args, split_argv
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root
 KEYS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 

@@ -1,12 +1,12 @@
 """
 Run an ablation: every (run, seed) of an ablation file through train.py, then a table and a plot.
 
-    python ablate.py ablations/sigmoid_recipe.toml                  # all runs x seeds (one per GPU if several)
-    python ablate.py ablations/sigmoid_recipe.toml --gpus=0,1,0,1   # two at a time on each of GPUs 0 and 1
-    python ablate.py ablations/sigmoid_recipe.toml --only=softmax,sigmoid_recipe --seeds=1337
-    python ablate.py ablations/sigmoid_recipe.toml --dry_run        # check every run's config, print the commands
-    python ablate.py ablations/sigmoid_recipe.toml --report_only    # results.md + val_loss.png from earlier logs
-    python ablate.py ablations/sigmoid_recipe.toml -- --max_iters=1000   # train.py overrides for every run
+    python tools/ablate.py ablations/sigmoid_recipe.toml                  # all runs x seeds (one per GPU if several)
+    python tools/ablate.py ablations/sigmoid_recipe.toml --gpus=0,1,0,1   # two at a time on each of GPUs 0 and 1
+    python tools/ablate.py ablations/sigmoid_recipe.toml --only=softmax,sigmoid_recipe --seeds=1337
+    python tools/ablate.py ablations/sigmoid_recipe.toml --dry_run        # check every run's config, print the commands
+    python tools/ablate.py ablations/sigmoid_recipe.toml --report_only    # results.md + val_loss.png from earlier logs
+    python tools/ablate.py ablations/sigmoid_recipe.toml -- --max_iters=1000   # train.py overrides for every run
 
 An ablation file is TOML: base = ["presets/x.toml"], out_root = "out-x", optional seeds = [...] and
 overrides = {key = value} for every run, then one [table] of train.py keys per run. Each (run, seed)
@@ -29,9 +29,10 @@ import threading
 import tomllib
 from pathlib import Path
 
-from configurable import ConfigError, load_config
+ROOT = Path(__file__).resolve().parent.parent  # the repository root: train.py, presets/
+sys.path.insert(0, str(ROOT))
+from configurable import ConfigError, load_config  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 TOP_KEYS = ("base", "out_root", "seeds", "overrides")
 
 
@@ -43,7 +44,7 @@ def fail(message):
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         hint = "; give train.py overrides after --" if message.startswith("unrecognized arguments") else ""
-        fail(f"{message}{hint} (see python ablate.py --help)")
+        fail(f"{message}{hint} (see python tools/ablate.py --help)")
 
 
 def as_args(table, where):
@@ -73,7 +74,7 @@ def load_ablation(path, extra):
     if not isinstance(base, list) or not base or not all(isinstance(p, str) and p.endswith(".toml") for p in base):
         # with no preset train.py picks one per machine (GPU or CPU): runs would differ by where they ran
         raise ConfigError(f'{path}: set base = ["presets/x.toml"], the presets every run starts from')
-    base = [os.path.relpath(HERE / p) if not Path(p).exists() and (HERE / p).exists() else p for p in base]
+    base = [os.path.relpath(ROOT / p) if not Path(p).exists() and (ROOT / p).exists() else p for p in base]
     if not isinstance(out_root, str) or not out_root:
         raise ConfigError(f'{path}: set out_root = "out-name", the folder that gets one subfolder per run')
     if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
@@ -108,8 +109,8 @@ class Job:
         args = args + [f"--out_dir={self.out_dir}", f"--seed={seed}"]
         cfg = load_config(args)
         self.max_iters, self.resuming = cfg.max_iters, cfg.init_from == "resume"
-        self.argv = [sys.executable, str(HERE / "train.py"), *args]
-        self.shown = shlex.join(["python", os.path.relpath(HERE / "train.py"), *args])  # what a user can paste
+        self.argv = [sys.executable, str(ROOT / "train.py"), *args]
+        self.shown = shlex.join(["python", os.path.relpath(ROOT / "train.py"), *args])  # what a user can paste
 
     def log(self):
         path = self.out_dir / "log.jsonl"
@@ -264,7 +265,7 @@ def plot(curves, out_root):
 
 def main(argv):
     argv, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = Parser(prog="ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="tools/ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ablation", help="the ablation file, e.g. ablations/sigmoid_recipe.toml")
     p.add_argument("--seeds", help="comma-separated seeds instead of the file's, e.g. 1337,1338")
     p.add_argument("--only", help="comma-separated run names: run only these (the report covers every run)")

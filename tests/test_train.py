@@ -15,7 +15,7 @@ import torch
 
 from prepare_data import prepare
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent  # the repository root
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
         "--dropout=0", "--compile=false", "--sample_tokens=0", "--log_interval=1", "--warmup_iters=5",
         "--learning_rate=3e-3", "--lr_decay_iters=100"]

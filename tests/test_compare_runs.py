@@ -2,6 +2,9 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def write_log(folder, losses, tokens_per_s, log_interval=10):
@@ -12,7 +15,7 @@ def write_log(folder, losses, tokens_per_s, log_interval=10):
 
 
 def compare(*args):
-    return subprocess.run([sys.executable, "compare_runs.py", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(REPO / "tools" / "compare_runs.py"), *args], capture_output=True, text=True)
 
 
 def test_reports_loss_difference_and_scaling_per_gpu(tmp_path):

@@ -5,14 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root
 
 
 def run(*args, interpret=False):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, "kernel_resources.py", *args], cwd=HERE, env=env,
+    return subprocess.run([sys.executable, "benchmarks/kernel_resources.py", *args], cwd=HERE, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -2,7 +2,7 @@
 global batch on 1, 2 and 4 GPUs should give the same loss curve (up to bf16 noise) and N times the
 tokens/s.
 
-    python compare_runs.py out-ddp1:1 out-ddp2:2 out-ddp4:4      # out_dir:number of GPUs
+    python tools/compare_runs.py out-ddp1:1 out-ddp2:2 out-ddp4:4      # out_dir:number of GPUs
 
 Prints each logged step's training loss per run and its difference from the first run, then per
 run: the largest such difference, the median tokens/s (steps after --skip, which leaves out
