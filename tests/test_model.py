@@ -1,8 +1,4 @@
 """GPT: KV-cache generation, sampling, training, checkpoints and GPT-2 loading, on tiny CPU models."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before flash_sigmoid is first imported: see test_attention.py
-
 import dataclasses
 import math
 import sys
