@@ -8,8 +8,9 @@ Use it before spending GPU time on a block-shape or kernel change. A thread has 
 registers; "spill" bytes are registers moved to local memory, and shared memory above 227 KiB per
 program does not launch. Each kernel is compiled as a model-shaped launch specialises it (aligned
 pointers, integers divisible by 16 marked, GROUP=1 folded): compiled without that, the counts
-come out far higher, which sent session 3 after a register problem the real kernels did not have
-(results/attention_h100.md). Counts differ between Triton versions: run it with the GPU's.
+come out far higher, and point at a register problem the real kernels do not have (the reverted
+TMA experiment in results/kernel_speed.md). Counts differ between Triton versions: run it with the
+GPU's.
 """
 import argparse
 import os

@@ -1,13 +1,11 @@
 """GPT: KV-cache generation, sampling, training, checkpoints and GPT-2 loading, on tiny CPU models."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before flash_sigmoid is first imported: see test_attention.py
-
 import dataclasses
+import math
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import GPT, GPTConfig, ModelLoadError, sample_next
 
@@ -167,13 +165,55 @@ def test_from_pretrained_refuses_sigmoid_attention():
         GPT.from_pretrained("gpt2", dict(pos_emb="rope"))
 
 
+def hf_gpt2_state_dict(n_layer, n_head, n_embd, vocab_size, n_positions):
+    """Random weights under Hugging Face GPT2LMHeadModel's names and layouts: its Conv1D weights are
+    (in, out), the transpose of nn.Linear's; older versions also save the attention mask buffers."""
+    C = n_embd
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: 0.2 * torch.randn(*shape, generator=g)  # biases and norm weights nonzero too
+    sd = {"transformer.wte.weight": rand(vocab_size, C), "transformer.wpe.weight": rand(n_positions, C)}
+    for i in range(n_layer):
+        h = f"transformer.h.{i}."
+        sd.update({h + "ln_1.weight": 1 + rand(C), h + "ln_1.bias": rand(C),
+                   h + "attn.bias": torch.tril(torch.ones(n_positions, n_positions)).view(1, 1, n_positions, n_positions),
+                   h + "attn.masked_bias": torch.tensor(-1e4),
+                   h + "attn.c_attn.weight": rand(C, 3 * C), h + "attn.c_attn.bias": rand(3 * C),
+                   h + "attn.c_proj.weight": rand(C, C), h + "attn.c_proj.bias": rand(C),
+                   h + "ln_2.weight": 1 + rand(C), h + "ln_2.bias": rand(C),
+                   h + "mlp.c_fc.weight": rand(C, 4 * C), h + "mlp.c_fc.bias": rand(4 * C),
+                   h + "mlp.c_proj.weight": rand(4 * C, C), h + "mlp.c_proj.bias": rand(C)})
+    sd.update({"transformer.ln_f.weight": 1 + rand(C), "transformer.ln_f.bias": rand(C),
+               "lm_head.weight": sd["transformer.wte.weight"]})  # tied, and saved under both names
+    return sd
+
+
+def gpt2_logits(sd, idx, n_layer, n_head):
+    """GPT-2's forward written out from its definition on the HF-layout weights, independent of model.py."""
+    B, T = idx.shape
+    x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]  # (B, T, C)
+    C = x.shape[-1]
+    hd = C // n_head
+    norm = lambda x, name: F.layer_norm(x, (C,), sd[name + ".weight"], sd[name + ".bias"], eps=1e-5)
+    conv1d = lambda x, name: x @ sd[name + ".weight"] + sd[name + ".bias"]  # (in, out) weights: x @ W
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    for i in range(n_layer):
+        h = f"transformer.h.{i}."
+        q, k, v = conv1d(norm(x, h + "ln_1"), h + "attn.c_attn").split(C, dim=-1)
+        q, k, v = (t.view(B, T, n_head, hd).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(hd)).masked_fill(~causal, float("-inf"))  # (B, nh, T, T)
+        y = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
+        x = x + conv1d(y, h + "attn.c_proj")
+        m = conv1d(norm(x, h + "ln_2"), h + "mlp.c_fc")
+        m = 0.5 * m * (1 + torch.tanh(math.sqrt(2 / math.pi) * (m + 0.044715 * m ** 3)))  # GPT-2's gelu
+        x = x + conv1d(m, h + "mlp.c_proj")
+    return norm(x, "transformer.ln_f") @ sd["lm_head.weight"].t()  # (B, T, vocab_size)
+
+
 def test_hf_gpt2_weights_give_the_same_logits():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf_config = transformers.GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=4,
-                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
-    model = GPT.from_hf_state_dict(hf_model.state_dict(), GPTConfig(block_size=16, vocab_size=100, n_layer=2,
-                                                                    n_head=4, n_embd=32, bias=True)).eval()
-    idx = torch.randint(0, 100, (2, 16))
-    torch.testing.assert_close(model(idx, idx)[0], hf_model(idx).logits, rtol=1e-4, atol=1e-4)
+    # vocab 100 is padded to 128 inside GPT: the conversion must fill the real rows and leave the rest
+    sd = hf_gpt2_state_dict(n_layer=2, n_head=4, n_embd=32, vocab_size=100, n_positions=16)
+    model = GPT.from_hf_state_dict(sd, GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=4, n_embd=32,
+                                                 bias=True)).eval()
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, idx)[0], gpt2_logits(sd, idx, n_layer=2, n_head=4), rtol=1e-4, atol=1e-4)

@@ -1,9 +1,6 @@
 """sample.py on a tiny checkpoint made here, in train.py's checkpoint format."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before flash_sigmoid is first imported: see test_attention.py
-
 import dataclasses
+import os
 import random
 import subprocess
 import sys
