@@ -18,8 +18,8 @@ from configurable import ConfigError
 
 
 def parse_sigmoid_bias(value):
-    """'auto' | 'learnable' | 'position' | a number (as text or float) -> that name or a float."""
-    if value in ("auto", "learnable", "position"):
+    """'auto' | 'learnable' | a number (as text or float) -> 'auto' | 'learnable' | float."""
+    if value in ("auto", "learnable"):
         return value
     bias = float(value)  # ValueError for anything else
     if not math.isfinite(bias):
@@ -67,7 +67,7 @@ def check_attention_config(cfg):
     try:
         parse_sigmoid_bias(cfg.sigmoid_bias)
     except (TypeError, ValueError):
-        raise ConfigError(f"--sigmoid_bias expects auto, learnable, position or a number like -5.5, "
+        raise ConfigError(f"--sigmoid_bias expects auto, learnable or a number like -5.5, "
                           f"got {cfg.sigmoid_bias!r}") from None
     if cfg.attn == "sigmoid" and cfg.sigmoid_backend == "triton":
         why = triton_unusable_reason(head_dim, getattr(cfg, "device", "auto"))
@@ -160,14 +160,12 @@ class CausalSelfAttention(nn.Module):
         # backend 'auto' uses the kernel for CUDA inputs when it is there and fits the head dim
         self.kernel_fits = (getattr(flash_sigmoid, "kernel_available", lambda: False)()
                             and self.head_dim in getattr(flash_sigmoid, "SUPPORTED_HEAD_DIMS", ()))
-        self.auto_bias = self.position_bias = False
+        self.auto_bias = False
         self.sigmoid_bias = None
         if self.attn == "sigmoid":  # only sigmoid has the bias: an unused parameter would upset DDP
             bias = parse_sigmoid_bias(config.sigmoid_bias)
-            self.auto_bias, self.position_bias = bias == "auto", bias == "position"
-            if bias == "position":  # b_i = -log(i + 1) for the query at position i: row mass ~1 everywhere
-                self.sigmoid_bias = 0.0
-            elif bias == "learnable":  # one per head, starting at the paper's -log(n)
+            self.auto_bias = bias == "auto"
+            if bias == "learnable":  # one per head, starting at the paper's -log(n)
                 self.sigmoid_bias = nn.Parameter(torch.full((self.n_head,), -math.log(config.block_size)))
             else:  # a fixed b = -log(block_size), not -log(T): a token's output must not depend on the sequence length
                 self.sigmoid_bias = -math.log(config.block_size) if self.auto_bias else bias
@@ -213,8 +211,6 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         args = dict(causal=True, sigmoid_bias=self.sigmoid_bias, alibi_slopes=slopes, dropout_p=dropout_p)
         fused = self.backend == "triton" or (self.backend == "auto" and q.is_cuda and self.kernel_fits)
-        if self.position_bias:  # not in the fused kernel yet
-            return flash_sigmoid.sigmoid_attention_reference(q, k, v, position_bias=True, **args)
         if fused and q.size(2) == k.size(2):  # decoding (fewer queries than keys) uses the reference
             # under autocast QK-norm's LayerNorm returns float32 while v is bf16: one dtype for the kernel
             return flash_sigmoid.flash_sigmoid(q.to(v.dtype), k.to(v.dtype), v, **args)

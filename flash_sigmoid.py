@@ -40,7 +40,7 @@ FAST_SIGMOID = not INTERPRET
 
 
 def sigmoid_attention_reference(q, k, v, causal=True, sigmoid_bias=None, scale=None, alibi_slopes=None,
-                                dropout_p=0.0, dropout_keep=None, position_bias=False):
+                                dropout_p=0.0, dropout_keep=None):
     """Plain PyTorch sigmoid attention; materialises the (T_q, T_k) scores.
 
     q: (B, H, T_q, D); k, v: (B, H_kv, T_k, D) with H % H_kv == 0 (grouped-query attention).
@@ -49,8 +49,6 @@ def sigmoid_attention_reference(q, k, v, causal=True, sigmoid_bias=None, scale=N
     alibi_slopes: None or a (H,) tensor; adds -slope_h * (i - j) to the score of query i, key j.
     dropout_p: drop each attention weight with this probability (scaling the rest by 1 / (1 - p));
     dropout_keep: a (B, H, T_q, T_k) bool mask to use instead of drawing one (tests: the kernel's mask).
-    position_bias: also add -log(i + 1) to every score of the query at position i, so that each row's
-    weights start out summing to about 1 at every position, as softmax's do (with sigmoid_bias=0).
     """
     B, H, T_q, D = q.shape
     H_kv, T_k = k.shape[1], k.shape[2]
@@ -67,8 +65,6 @@ def sigmoid_attention_reference(q, k, v, causal=True, sigmoid_bias=None, scale=N
     j = torch.arange(T_k, device=q.device).view(1, -1)  # key positions
     if alibi_slopes is not None:
         scores = scores - alibi_slopes.view(1, H, 1, 1) * (i - j)
-    if position_bias:
-        scores = scores - torch.log1p(i.to(scores.dtype))
     if causal:
         scores = scores.masked_fill(j > i, float("-inf"))  # sigmoid(-inf) = 0
     probs = torch.sigmoid(scores)
