@@ -2,13 +2,16 @@
 Turn text into token files for train.py: data/<name>/train.bin, val.bin and meta.json.
 
     python prepare_data.py                    # shakespeare_char (default): 38 plays, char-level, offline
-    python prepare_data.py shakespeare        # the same plays, GPT-2 BPE
+    python prepare_data.py shakespeare        # the same plays, GPT-2 BPE (tiktoken's files: see below)
     python prepare_data.py tinyshakespeare    # karpathy's char-rnn file (download, sha256-checked)
     python prepare_data.py openwebtext        # nanoGPT's GPT-2 recipe (pip install datasets; ~17 GB)
     python prepare_data.py --input=my.txt --tokenizer=gpt2 [--name=my]
 
 train.bin / val.bin hold flat token ids (uint16, or uint32 when vocab_size > 65535). meta.json says
 how to read and decode them and records the source's sha256, so a second run skips work already done.
+
+GPT-2 BPE (shakespeare, openwebtext, --tokenizer=gpt2) needs tiktoken's gpt2 files: downloaded once on
+first use into tiktoken's cache, or read from the folder TIKTOKEN_CACHE_DIR names (for machines offline).
 """
 import argparse
 import hashlib
@@ -140,9 +143,10 @@ def _gpt2():
     import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken fetches its files once; offline that fails deep inside requests
-        raise DataError(f"cannot load tiktoken's gpt2 encoding ({_one_line(e)}): connect once, "
-                        "or set TIKTOKEN_CACHE_DIR to a folder holding its cache files") from None
+    except Exception as e:  # offline, requests' message is a nested urllib3 one of ~400 characters: name it only
+        why = (e.strerror or type(e).__name__) if isinstance(e, OSError) else _one_line(e)
+        raise DataError(f"cannot load tiktoken's gpt2 encoding ({why}): its files download on first use, so "
+                        "connect once, or set TIKTOKEN_CACHE_DIR to a folder holding them") from None
 
 
 # ----------------------------------------------------------------------------- tokenise and write
@@ -350,10 +354,12 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None):
     parser = _Parser(prog="prepare_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", nargs="?", help=f"one of {', '.join(DATASETS)} (default shakespeare_char)")
+    parser.add_argument("name", nargs="?", help=f"one of {', '.join(DATASETS)} (default shakespeare_char; "
+                        "shakespeare and openwebtext are GPT-2 BPE: see above)")
     parser.add_argument("--data_dir", default="data", help="folder holding one subfolder per dataset")
     parser.add_argument("--input", dest="input_path", help="a UTF-8 text file (or a local copy of tinyshakespeare)")
-    parser.add_argument("--tokenizer", choices=("char", "gpt2"), help="for --input (default char)")
+    parser.add_argument("--tokenizer", choices=("char", "gpt2"),
+                        help="for --input (default char); gpt2 needs tiktoken's files (see above)")
     parser.add_argument("--name", dest="out_name", help="output name for --input (default: the file's stem)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="worker processes for openwebtext")

@@ -113,6 +113,26 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert e.value.code == 1 and err.startswith("error: cannot read --input") and err.count("\n") == 1
 
 
+def test_gpt2_files_missing_offline_is_one_short_line(tmp_path, monkeypatch, capsys):
+    import tiktoken.registry
+    with socket.socket() as s:  # a proxy that refuses every connection: offline, as far as requests can tell
+        s.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(key, proxy)
+    for key in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget an encoding loaded by an earlier test
+    (tmp_path / "t.txt").write_text("to be, or not to be\n" * 20)
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(tmp_path / "t.txt"), "--tokenizer=gpt2", f"--data_dir={tmp_path / 'data'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and len(err) < 200, err
+    assert err.startswith("error: cannot load tiktoken's gpt2 encoding (ProxyError): its files download on first use")
+    assert "TIKTOKEN_CACHE_DIR" in err
+
+
 # ----------------------------------------------------------------------------- tinyshakespeare download
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
