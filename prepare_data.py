@@ -24,6 +24,7 @@ import re
 import shlex
 import sys
 import urllib.request
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -326,23 +327,35 @@ def prepare(name, data_dir="data", input_path=None, tokenizer=None, force=False,
         print(f"{out} is up to date (--force rebuilds it)")
         return out
 
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # removed again should this fail
     out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # the folder looks complete again only when meta.json lands
-    if name == "openwebtext":
-        (train_tokens, val_tokens), vocab = _openwebtext(out, hf_path, hf_kwargs, num_proc), {"vocab_size": 50257}
-    else:
-        if name == "tinyshakespeare":
-            text = _tinyshakespeare_text(out, input_path, url)
-        train, val, vocab = tokenize(text, tokenizer)
-        if len(train) == 0 or len(val) == 0:
-            raise DataError(f"{source} is too short to split into train and val ({len(text)} characters)")
-        for split, ids in (("train", train), ("val", val)):
-            _write_atomically(out / f"{split}.bin", ids.astype(_dtype(vocab["vocab_size"])).tofile)
-        train_tokens, val_tokens = len(train), len(val)
+    try:
+        if name == "openwebtext":
+            (out / "meta.json").unlink(missing_ok=True)  # the folder looks complete again only when meta.json lands
+            (train_tokens, val_tokens), vocab = _openwebtext(out, hf_path, hf_kwargs, num_proc), {"vocab_size": 50257}
+        else:
+            if name == "tinyshakespeare":
+                text = _tinyshakespeare_text(out, input_path, url)
+            train, val, vocab = tokenize(text, tokenizer)
+            if min(len(train), len(val)) < 2:  # train.py samples block_size + 1 tokens from each split
+                raise DataError(f"{source} is too short for any block_size: its train/val splits have {len(train)}/"
+                                f"{len(val)} tokens, and each needs at least 2 (block_size + 1; val is the last 10% "
+                                "of the text): give a longer text")
+            (out / "meta.json").unlink(missing_ok=True)  # nothing above touched a previous build; now it goes
+            for split, ids in (("train", train), ("val", val)):
+                _write_atomically(out / f"{split}.bin", ids.astype(_dtype(vocab["vocab_size"])).tofile)
+            train_tokens, val_tokens = len(train), len(val)
+    except BaseException:  # a failed download or a too-short text leaves no empty data/<name>/ behind
+        for folder in made:  # deepest first; one holding anything stays
+            with suppress(OSError):
+                folder.rmdir()
+        raise
     meta = {"format": 1, "name": name, "tokenizer": tokenizer, "dtype": _dtype(vocab["vocab_size"]),
             "train_tokens": int(train_tokens), "val_tokens": int(val_tokens), "source": source, "source_sha256": sha, **vocab}
     _write_atomically(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8"))
-    print(f"wrote {out}: {train_tokens:,} train + {val_tokens:,} val tokens, {tokenizer} vocab of {vocab['vocab_size']:,}")
+    largest = min(train_tokens, val_tokens) - 1  # the largest block_size train.py can use on this data
+    note = f" (train with --block_size={largest} or less)" if largest < 1024 else ""
+    print(f"wrote {out}: {train_tokens:,} train + {val_tokens:,} val tokens, {tokenizer} vocab of {vocab['vocab_size']:,}{note}")
     return out
 
 

@@ -113,6 +113,19 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert e.value.code == 1 and err.startswith("error: cannot read --input") and err.count("\n") == 1
 
 
+def test_too_short_text_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "three.txt").write_text("abc")
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(tmp_path / "three.txt"), f"--data_dir={tmp_path / 'data'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1, err
+    assert "too short for any block_size: its train/val splits have 2/1 tokens, and each needs at least 2" in err
+    assert not (tmp_path / "data").exists()  # nothing written, no empty folder
+    (tmp_path / "short.txt").write_text("to be, or not to be: that is the question\n")  # 42 characters
+    main(["--input", str(tmp_path / "short.txt"), f"--data_dir={tmp_path / 'data'}"])
+    assert "37 train + 5 val tokens, char vocab of 16 (train with --block_size=4 or less)" in capsys.readouterr().out
+
+
 def test_gpt2_files_missing_offline_is_one_short_line(tmp_path, monkeypatch, capsys):
     import tiktoken.registry
     with socket.socket() as s:  # a proxy that refuses every connection: offline, as far as requests can tell
@@ -130,7 +143,7 @@ def test_gpt2_files_missing_offline_is_one_short_line(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1 and len(err) < 200, err
     assert err.startswith("error: cannot load tiktoken's gpt2 encoding (ProxyError): its files download on first use")
-    assert "TIKTOKEN_CACHE_DIR" in err
+    assert "TIKTOKEN_CACHE_DIR" in err and not (tmp_path / "data").exists()
 
 
 # ----------------------------------------------------------------------------- tinyshakespeare download
@@ -198,7 +211,7 @@ def test_download_with_wrong_checksum_saves_nothing(serve, tiny_source, tmp_path
     with pytest.raises(DataError, match="checksum") as e:
         prepare("tinyshakespeare", data_dir=tmp_path / "data")
     assert prepare_data.TINYSHAKESPEARE_SHA256 in str(e.value) and "\n" not in str(e.value)
-    assert list((tmp_path / "data").rglob("*")) in ([], [tmp_path / "data" / "tinyshakespeare"])
+    assert not (tmp_path / "data").exists()  # no empty data/tinyshakespeare/ either
 
 
 def test_download_network_error_says_how_to_fix(tiny_source, tmp_path):
@@ -207,8 +220,20 @@ def test_download_network_error_says_how_to_fix(tiny_source, tmp_path):
         port = s.getsockname()[1]
     with pytest.raises(DataError, match=r"could not download .* pass --input=PATH with a local copy"):
         prepare("tinyshakespeare", data_dir=tmp_path, url=f"http://127.0.0.1:{port}/input.txt")
+    assert list(tmp_path.iterdir()) == []  # no empty tinyshakespeare/ left behind
     out = prepare("tinyshakespeare", data_dir=tmp_path, input_path=tiny_source[0] / "input.txt")  # the fix works
     assert load_meta(out)["vocab_size"] == len(set(tiny_source[1]))
+
+
+def test_failed_download_keeps_the_previous_build(tiny_source, tmp_path):
+    out = prepare("tinyshakespeare", data_dir=tmp_path, input_path=tiny_source[0] / "input.txt")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/input.txt"  # nothing listens there
+    with pytest.raises(DataError, match=r"could not download"):
+        prepare("tinyshakespeare", data_dir=tmp_path, url=url, force=True)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before and load_meta(out)
 
 
 # ----------------------------------------------------------------------------- damaged datasets
