@@ -108,12 +108,24 @@ def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
 
 def test_a_failing_run_is_reported_and_the_others_continue(done, tmp_path):
     tmp, _, _ = done
-    runs = '[missing_data]\ndataset = "nonexistent"\n\n[softmax]\nattn = "softmax"\n'
+    runs = '[no_checkpoint]\ninit_from = "resume"\n\n[softmax]\nattn = "softmax"\n'  # the first fails in train.py
     path = write_ablation(tmp_path, runs=runs, data_dir=str(tmp / "data"), max_iters=3)
     result = ablate(path, "--seeds=1")
     assert result.returncode == 1
-    assert "FAILED missing_data seed 1" in result.stderr and "1 of 2 runs failed" in result.stderr
+    assert "FAILED no_checkpoint seed 1" in result.stderr and "1 of 2 runs failed" in result.stderr
     assert "| softmax | 1 | 3 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_missing_dataset_is_one_line_before_any_run(tmp_path):
+    runs = RUNS + '\n[other_data]\ndataset = "elsewhere"\n'  # 3 runs x 2 seeds on 2 missing datasets
+    path = write_ablation(tmp_path, runs=runs, dataset="nowhere")
+    result = ablate(path)
+    assert result.returncode == 2 and not (tmp_path / "out").exists()  # nothing ran
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'data' / name / 'meta.json'} not found: run python prepare_data.py --input=PATH "
+        f"--name={name} --data_dir={tmp_path / 'data'}" for name in ("nowhere", "elsewhere")]
+    result = ablate(path, "--dry_run")  # says so too, and still prints the commands
+    assert result.returncode == 0 and result.stderr.count("note: ") == 2 and result.stdout.count("train.py") == 6
 
 
 @pytest.mark.parametrize("name, n_runs", [("sigmoid_recipe.toml", 8), ("long_context.toml", 6)])

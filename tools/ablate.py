@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: train.py, presets/
 sys.path.insert(0, str(ROOT))
 from configurable import ConfigError, load_config  # noqa: E402
+from prepare_data import DataError, check_bin, load_meta, prepare  # noqa: E402
 
 TOP_KEYS = ("base", "out_root", "seeds", "overrides")
 
@@ -101,6 +102,24 @@ def load_ablation(path, extra):
     if not runs:
         raise ConfigError(f'{path}: no runs; add one table per run, e.g. [softmax] with attn = "softmax"')
     return out_root, seeds, runs
+
+
+def check_data(jobs, runs, dry_run):
+    """The dataset of every run about to train, checked once before the first starts, as train.py checks it.
+    Returns one line per broken dataset, naming the prepare_data.py command, rather than a failure per run."""
+    configs = [load_config(runs[run]) for run in dict.fromkeys(job.run for job in jobs)]
+    problems = []
+    for folder in dict.fromkeys(Path(cfg.data_dir) / cfg.dataset for cfg in configs):
+        try:
+            if folder.name == "shakespeare_char" and not (folder / "meta.json").exists():
+                if dry_run:  # train.py builds it
+                    continue
+                prepare("shakespeare_char", folder.parent)  # as train.py would, once, not by parallel runs at once
+            meta = load_meta(folder)
+            check_bin(folder, meta, "train"), check_bin(folder, meta, "val")
+        except DataError as e:
+            problems.append(str(e))
+    return problems
 
 
 class Job:
@@ -298,6 +317,11 @@ def main(argv):
     for job in todo:
         if not a.force and (job.out_dir / "ckpt.pt").is_file():
             job.resume()
+    problems = check_data(todo, runs, a.dry_run)
+    for line in problems:
+        print(f"{'note' if a.dry_run else 'error'}: {line}", file=sys.stderr)
+    if problems and not a.dry_run:
+        return 2  # before any run starts
     for job in jobs:
         if job not in todo:
             print(f"# finished, skipped: {job.shown}")
