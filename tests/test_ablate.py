@@ -57,7 +57,7 @@ def test_ablation_runs_every_seed_and_writes_the_report(done):
         row = next(line for line in table.splitlines() if line.startswith(f"| {run} |"))
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[1] == "1, 2" and cells[2] == "6"  # seeds, last eval iter
-        float(cells[3].split()[0]), float(cells[4].split()[0])  # best and final val loss are numbers
+        assert float(cells[3].split()[0]) > 0 and float(cells[4].split()[0]) > 0  # best and final val loss
         assert ".." in cells[3] and "--max_iters=6" in cells[7]  # (min..max) spread; the command
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib not installed: val_loss.png is not made")
