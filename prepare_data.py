@@ -156,6 +156,19 @@ def _dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65535 else "uint32"
 
 
+def char_tokenizer(chars: str, whose: str):
+    """(encode, decode) for a character vocabulary; whose names it in errors ("poem's")."""
+    stoi = {c: i for i, c in enumerate(chars)}
+
+    def encode(s):
+        try:
+            return [stoi[c] for c in s]
+        except KeyError as e:
+            raise DataError(f"character {e.args[0]!r} is not in {whose} {len(chars)}-character vocabulary") from None
+
+    return encode, lambda ids: "".join(chars[i] for i in ids)
+
+
 def tokenize(text: str, tokenizer: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """Split text 90/10 and encode both parts; returns (train_ids, val_ids, vocab fields for meta)."""
     n = int(len(text) * TRAIN_FRACTION)
@@ -166,8 +179,7 @@ def tokenize(text: str, tokenizer: str) -> tuple[np.ndarray, np.ndarray, dict]:
     else:
         chars = "".join(sorted(set(text)))  # the vocabulary, from the whole text like nanoGPT
         vocab = {"vocab_size": len(chars), "chars": chars}
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        ids = np.searchsorted(np.array([ord(c) for c in chars], dtype=np.uint32), codepoints)
+        ids = np.array(char_tokenizer(chars, "the text's")[0](text), dtype=np.int64)
         train, val = ids[:n], ids[n:]
     return train, val, vocab
 
@@ -275,16 +287,7 @@ def tokenizer_from_meta(meta: dict):
     if meta["tokenizer"] == "gpt2":
         enc = _gpt2()
         return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), (lambda ids: enc.decode(list(ids)))
-    chars = meta["chars"]
-    stoi = {c: i for i, c in enumerate(chars)}
-
-    def encode(s):
-        try:
-            return [stoi[c] for c in s]
-        except KeyError as e:
-            raise DataError(f"character {e.args[0]!r} is not in {meta['name']}'s {len(chars)}-character vocabulary") from None
-
-    return encode, lambda ids: "".join(chars[i] for i in ids)
+    return char_tokenizer(meta["chars"], f"{meta['name']}'s")
 
 
 def _is_up_to_date(out: Path, sha: str, tokenizer: str) -> bool:
