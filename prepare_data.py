@@ -362,14 +362,16 @@ def prepare(name, data_dir="data", input_path=None, tokenizer=None, force=False,
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage dump
-        print(f"error: {message} (see --help)", file=sys.stderr)
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line pointing to --help, not its usage block (tools/ablate.py uses it too)."""
+
+    def error(self, message):
+        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def main(argv=None):
-    parser = _Parser(prog="prepare_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="prepare_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", help=f"one of {', '.join(DATASETS)} (default shakespeare_char; "
                         "shakespeare and openwebtext are GPT-2 BPE: see above)")
     parser.add_argument("--data_dir", default="data", help="folder holding one subfolder per dataset")

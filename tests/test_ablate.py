@@ -100,6 +100,7 @@ def test_misspelt_key_is_refused_up_front_naming_the_run(tmp_path):
     (["--only=softmx"], "did you mean 'softmax'?"),
     (["--seeds=1,x"], "--seeds expects comma-separated integers"),
     (["--", "--learnig_rate=1"], "did you mean 'learning_rate'?"),
+    (["--max_iters=3"], "unrecognized arguments: --max_iters=3; give train.py overrides after -- (see python tools/"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     result = ablate(write_ablation(tmp_path), *args)

@@ -107,6 +107,7 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
             main(argv + [f"--data_dir={tmp_path}"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        assert err.endswith(" (see python prepare_data.py --help)\n"), err
     with pytest.raises(SystemExit) as e:  # a data problem (missing file) is exit 1
         main(["--input", str(tmp_path / "missing.txt"), f"--data_dir={tmp_path}"])
     err = capsys.readouterr().err

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: train.py, presets/
 sys.path.insert(0, str(ROOT))
 from configurable import ConfigError, load_config  # noqa: E402
-from prepare_data import DataError, check_bin, load_meta, prepare  # noqa: E402
+from prepare_data import DataError, OneLineParser, check_bin, load_meta, prepare  # noqa: E402
 
 TOP_KEYS = ("base", "out_root", "seeds", "overrides")
 
@@ -40,12 +40,6 @@ TOP_KEYS = ("base", "out_root", "seeds", "overrides")
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        hint = "; give train.py overrides after --" if message.startswith("unrecognized arguments") else ""
-        fail(f"{message}{hint} (see python tools/ablate.py --help)")
 
 
 def as_args(table, where):
@@ -284,7 +278,7 @@ def plot(curves, out_root):
 
 def main(argv):
     argv, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = Parser(prog="tools/ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="tools/ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ablation", help="the ablation file, e.g. ablations/sigmoid_recipe.toml")
     p.add_argument("--seeds", help="comma-separated seeds instead of the file's, e.g. 1337,1338")
     p.add_argument("--only", help="comma-separated run names: run only these (the report covers every run)")
@@ -293,7 +287,9 @@ def main(argv):
     p.add_argument("--force", action="store_true", help="start every (run, seed) afresh, finished or not")
     p.add_argument("--dry_run", action="store_true", help="check every config and print the commands; run nothing")
     p.add_argument("--report_only", action="store_true", help="only write results.md and val_loss.png from the logs")
-    a = p.parse_args(argv)
+    a, unknown = p.parse_known_args(argv)
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}; give train.py overrides after --")
     for flag, value in (("--seeds", a.seeds), ("--gpus", None if a.gpus == "auto" else a.gpus)):
         if value is not None and not re.fullmatch(r"\d+(,\d+)*", value):
             fail(f"{flag} expects comma-separated integers like 0,1, got {value!r}")
