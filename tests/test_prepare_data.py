@@ -172,7 +172,7 @@ def serve():
 
 
 @pytest.fixture
-def tiny_source(tmp_path, monkeypatch):
+def tiny_source(tmp_path_factory, monkeypatch):
     """The folder to serve input.txt from, and its bytes: the real tinyshakespeare where it is beside the
     clone, else a generated play whose sha256 stands in for TINYSHAKESPEARE_SHA256."""
     if TINY.is_file():
@@ -181,10 +181,10 @@ def tiny_source(tmp_path, monkeypatch):
     data = "".join(f"{rng.choice(['First Citizen', 'MENENIUS', 'CORIOLANUS'])}:\n"
                    + " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + ".\n\n"
                    for _ in range(400)).encode()
-    (tmp_path / "www").mkdir()
-    (tmp_path / "www" / "input.txt").write_bytes(data)
+    folder = tmp_path_factory.mktemp("www")  # apart from the test's tmp_path, which tests check is left empty
+    (folder / "input.txt").write_bytes(data)
     monkeypatch.setattr(prepare_data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(data).hexdigest())
-    return tmp_path / "www", data
+    return folder, data
 
 
 def test_download_verifies_checksum_against_local_server(serve, tiny_source, tmp_path, monkeypatch):
