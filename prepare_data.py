@@ -2,13 +2,16 @@
 Turn text into token files for train.py: data/<name>/train.bin, val.bin and meta.json.
 
     python prepare_data.py                    # shakespeare_char (default): 38 plays, char-level, offline
-    python prepare_data.py shakespeare        # the same plays, GPT-2 BPE
+    python prepare_data.py shakespeare        # the same plays, GPT-2 BPE (tiktoken's files: see below)
     python prepare_data.py tinyshakespeare    # karpathy's char-rnn file (download, sha256-checked)
     python prepare_data.py openwebtext        # nanoGPT's GPT-2 recipe (pip install datasets; ~17 GB)
     python prepare_data.py --input=my.txt --tokenizer=gpt2 [--name=my]
 
 train.bin / val.bin hold flat token ids (uint16, or uint32 when vocab_size > 65535). meta.json says
 how to read and decode them and records the source's sha256, so a second run skips work already done.
+
+GPT-2 BPE (shakespeare, openwebtext, --tokenizer=gpt2) needs tiktoken's gpt2 files: downloaded once on
+first use into tiktoken's cache, or read from the folder TIKTOKEN_CACHE_DIR names (for machines offline).
 """
 import argparse
 import hashlib
@@ -21,6 +24,7 @@ import re
 import shlex
 import sys
 import urllib.request
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -140,15 +144,29 @@ def _gpt2():
     import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken fetches its files once; offline that fails deep inside requests
-        raise DataError(f"cannot load tiktoken's gpt2 encoding ({_one_line(e)}): connect once, "
-                        "or set TIKTOKEN_CACHE_DIR to a folder holding its cache files") from None
+    except Exception as e:  # offline, requests' message is a nested urllib3 one of ~400 characters: name it only
+        why = (e.strerror or type(e).__name__) if isinstance(e, OSError) else _one_line(e)
+        raise DataError(f"cannot load tiktoken's gpt2 encoding ({why}): its files download on first use, so "
+                        "connect once, or set TIKTOKEN_CACHE_DIR to a folder holding them") from None
 
 
 # ----------------------------------------------------------------------------- tokenise and write
 
 def _dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65535 else "uint32"
+
+
+def char_tokenizer(chars: str, whose: str):
+    """(encode, decode) for a character vocabulary; whose names it in errors ("poem's")."""
+    stoi = {c: i for i, c in enumerate(chars)}
+
+    def encode(s):
+        try:
+            return [stoi[c] for c in s]
+        except KeyError as e:
+            raise DataError(f"character {e.args[0]!r} is not in {whose} {len(chars)}-character vocabulary") from None
+
+    return encode, lambda ids: "".join(chars[i] for i in ids)
 
 
 def tokenize(text: str, tokenizer: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -161,8 +179,7 @@ def tokenize(text: str, tokenizer: str) -> tuple[np.ndarray, np.ndarray, dict]:
     else:
         chars = "".join(sorted(set(text)))  # the vocabulary, from the whole text like nanoGPT
         vocab = {"vocab_size": len(chars), "chars": chars}
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        ids = np.searchsorted(np.array([ord(c) for c in chars], dtype=np.uint32), codepoints)
+        ids = np.array(char_tokenizer(chars, "the text's")[0](text), dtype=np.int64)
         train, val = ids[:n], ids[n:]
     return train, val, vocab
 
@@ -270,16 +287,7 @@ def tokenizer_from_meta(meta: dict):
     if meta["tokenizer"] == "gpt2":
         enc = _gpt2()
         return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), (lambda ids: enc.decode(list(ids)))
-    chars = meta["chars"]
-    stoi = {c: i for i, c in enumerate(chars)}
-
-    def encode(s):
-        try:
-            return [stoi[c] for c in s]
-        except KeyError as e:
-            raise DataError(f"character {e.args[0]!r} is not in {meta['name']}'s {len(chars)}-character vocabulary") from None
-
-    return encode, lambda ids: "".join(chars[i] for i in ids)
+    return char_tokenizer(meta["chars"], f"{meta['name']}'s")
 
 
 def _is_up_to_date(out: Path, sha: str, tokenizer: str) -> bool:
@@ -322,38 +330,54 @@ def prepare(name, data_dir="data", input_path=None, tokenizer=None, force=False,
         print(f"{out} is up to date (--force rebuilds it)")
         return out
 
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # removed again should this fail
     out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # the folder looks complete again only when meta.json lands
-    if name == "openwebtext":
-        (train_tokens, val_tokens), vocab = _openwebtext(out, hf_path, hf_kwargs, num_proc), {"vocab_size": 50257}
-    else:
-        if name == "tinyshakespeare":
-            text = _tinyshakespeare_text(out, input_path, url)
-        train, val, vocab = tokenize(text, tokenizer)
-        if len(train) == 0 or len(val) == 0:
-            raise DataError(f"{source} is too short to split into train and val ({len(text)} characters)")
-        for split, ids in (("train", train), ("val", val)):
-            _write_atomically(out / f"{split}.bin", ids.astype(_dtype(vocab["vocab_size"])).tofile)
-        train_tokens, val_tokens = len(train), len(val)
+    try:
+        if name == "openwebtext":
+            (out / "meta.json").unlink(missing_ok=True)  # the folder looks complete again only when meta.json lands
+            (train_tokens, val_tokens), vocab = _openwebtext(out, hf_path, hf_kwargs, num_proc), {"vocab_size": 50257}
+        else:
+            if name == "tinyshakespeare":
+                text = _tinyshakespeare_text(out, input_path, url)
+            train, val, vocab = tokenize(text, tokenizer)
+            if min(len(train), len(val)) < 2:  # train.py samples block_size + 1 tokens from each split
+                raise DataError(f"{source} is too short for any block_size: its train/val splits have {len(train)}/"
+                                f"{len(val)} tokens, and each needs at least 2 (block_size + 1; val is the last 10% "
+                                "of the text): give a longer text")
+            (out / "meta.json").unlink(missing_ok=True)  # nothing above touched a previous build; now it goes
+            for split, ids in (("train", train), ("val", val)):
+                _write_atomically(out / f"{split}.bin", ids.astype(_dtype(vocab["vocab_size"])).tofile)
+            train_tokens, val_tokens = len(train), len(val)
+    except BaseException:  # a failed download or a too-short text leaves no empty data/<name>/ behind
+        for folder in made:  # deepest first; one holding anything stays
+            with suppress(OSError):
+                folder.rmdir()
+        raise
     meta = {"format": 1, "name": name, "tokenizer": tokenizer, "dtype": _dtype(vocab["vocab_size"]),
             "train_tokens": int(train_tokens), "val_tokens": int(val_tokens), "source": source, "source_sha256": sha, **vocab}
     _write_atomically(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8"))
-    print(f"wrote {out}: {train_tokens:,} train + {val_tokens:,} val tokens, {tokenizer} vocab of {vocab['vocab_size']:,}")
+    largest = min(train_tokens, val_tokens) - 1  # the largest block_size train.py can use on this data
+    note = f" (train with --block_size={largest} or less)" if largest < 1024 else ""
+    print(f"wrote {out}: {train_tokens:,} train + {val_tokens:,} val tokens, {tokenizer} vocab of {vocab['vocab_size']:,}{note}")
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage dump
-        print(f"error: {message} (see --help)", file=sys.stderr)
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line pointing to --help, not its usage block (tools/ablate.py uses it too)."""
+
+    def error(self, message):
+        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def main(argv=None):
-    parser = _Parser(prog="prepare_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", nargs="?", help=f"one of {', '.join(DATASETS)} (default shakespeare_char)")
+    parser = OneLineParser(prog="prepare_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", nargs="?", help=f"one of {', '.join(DATASETS)} (default shakespeare_char; "
+                        "shakespeare and openwebtext are GPT-2 BPE: see above)")
     parser.add_argument("--data_dir", default="data", help="folder holding one subfolder per dataset")
     parser.add_argument("--input", dest="input_path", help="a UTF-8 text file (or a local copy of tinyshakespeare)")
-    parser.add_argument("--tokenizer", choices=("char", "gpt2"), help="for --input (default char)")
+    parser.add_argument("--tokenizer", choices=("char", "gpt2"),
+                        help="for --input (default char); gpt2 needs tiktoken's files (see above)")
     parser.add_argument("--name", dest="out_name", help="output name for --input (default: the file's stem)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="worker processes for openwebtext")

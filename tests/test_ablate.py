@@ -57,7 +57,7 @@ def test_ablation_runs_every_seed_and_writes_the_report(done):
         row = next(line for line in table.splitlines() if line.startswith(f"| {run} |"))
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[1] == "1, 2" and cells[2] == "6"  # seeds, last eval iter
-        float(cells[3].split()[0]), float(cells[4].split()[0])  # best and final val loss are numbers
+        assert float(cells[3].split()[0]) > 0 and float(cells[4].split()[0]) > 0  # best and final val loss
         assert ".." in cells[3] and "--max_iters=6" in cells[7]  # (min..max) spread; the command
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib not installed: val_loss.png is not made")
@@ -100,6 +100,7 @@ def test_misspelt_key_is_refused_up_front_naming_the_run(tmp_path):
     (["--only=softmx"], "did you mean 'softmax'?"),
     (["--seeds=1,x"], "--seeds expects comma-separated integers"),
     (["--", "--learnig_rate=1"], "did you mean 'learning_rate'?"),
+    (["--max_iters=3"], "unrecognized arguments: --max_iters=3; give train.py overrides after -- (see python tools/"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     result = ablate(write_ablation(tmp_path), *args)
@@ -108,12 +109,24 @@ def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
 
 def test_a_failing_run_is_reported_and_the_others_continue(done, tmp_path):
     tmp, _, _ = done
-    runs = '[missing_data]\ndataset = "nonexistent"\n\n[softmax]\nattn = "softmax"\n'
+    runs = '[no_checkpoint]\ninit_from = "resume"\n\n[softmax]\nattn = "softmax"\n'  # the first fails in train.py
     path = write_ablation(tmp_path, runs=runs, data_dir=str(tmp / "data"), max_iters=3)
     result = ablate(path, "--seeds=1")
     assert result.returncode == 1
-    assert "FAILED missing_data seed 1" in result.stderr and "1 of 2 runs failed" in result.stderr
+    assert "FAILED no_checkpoint seed 1" in result.stderr and "1 of 2 runs failed" in result.stderr
     assert "| softmax | 1 | 3 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_missing_dataset_is_one_line_before_any_run(tmp_path):
+    runs = RUNS + '\n[other_data]\ndataset = "elsewhere"\n'  # 3 runs x 2 seeds on 2 missing datasets
+    path = write_ablation(tmp_path, runs=runs, dataset="nowhere")
+    result = ablate(path)
+    assert result.returncode == 2 and not (tmp_path / "out").exists()  # nothing ran
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'data' / name / 'meta.json'} not found: run python prepare_data.py --input=PATH "
+        f"--name={name} --data_dir={tmp_path / 'data'}" for name in ("nowhere", "elsewhere")]
+    result = ablate(path, "--dry_run")  # says so too, and still prints the commands
+    assert result.returncode == 0 and result.stderr.count("note: ") == 2 and result.stdout.count("train.py") == 6
 
 
 @pytest.mark.parametrize("name, n_runs", [("sigmoid_recipe.toml", 8), ("long_context.toml", 6)])

@@ -281,6 +281,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.usefixtures("gpt2_encoding")  # GPT-2 tokens: tiktoken's or a stand-in (conftest.py)
 def test_gpt2_finetune_resumes_with_the_same_command(tmp_path):
     """The resume command train.py prints on Ctrl-C is the run's own command + --init_from=resume: the
     GPT-2 shape (1 layer, bias) differs from the preset's, and must come from the checkpoint."""
@@ -306,6 +307,7 @@ def test_resume_without_checkpoint(data_dir, tmp_path):
     assert f"no checkpoint at {tmp_path / 'out' / 'ckpt.pt'}" in line
 
 
+@pytest.mark.usefixtures("gpt2_encoding")
 def test_gpt2_init_is_one_line_without_its_dataset_or_weights(data_dir, tmp_path):
     line = error_line(train(data_dir, tmp_path / "out", "--init_from=gpt2"))
     assert "needs a GPT-2-tokenized dataset" in line

@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: train.py, presets/
 sys.path.insert(0, str(ROOT))
 from configurable import ConfigError, load_config  # noqa: E402
+from prepare_data import DataError, OneLineParser, check_bin, load_meta, prepare  # noqa: E402
 
 TOP_KEYS = ("base", "out_root", "seeds", "overrides")
 
@@ -39,12 +40,6 @@ TOP_KEYS = ("base", "out_root", "seeds", "overrides")
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        hint = "; give train.py overrides after --" if message.startswith("unrecognized arguments") else ""
-        fail(f"{message}{hint} (see python tools/ablate.py --help)")
 
 
 def as_args(table, where):
@@ -101,6 +96,24 @@ def load_ablation(path, extra):
     if not runs:
         raise ConfigError(f'{path}: no runs; add one table per run, e.g. [softmax] with attn = "softmax"')
     return out_root, seeds, runs
+
+
+def check_data(jobs, runs, dry_run):
+    """The dataset of every run about to train, checked once before the first starts, as train.py checks it.
+    Returns one line per broken dataset, naming the prepare_data.py command, rather than a failure per run."""
+    configs = [load_config(runs[run]) for run in dict.fromkeys(job.run for job in jobs)]
+    problems = []
+    for folder in dict.fromkeys(Path(cfg.data_dir) / cfg.dataset for cfg in configs):
+        try:
+            if folder.name == "shakespeare_char" and not (folder / "meta.json").exists():
+                if dry_run:  # train.py builds it
+                    continue
+                prepare("shakespeare_char", folder.parent)  # as train.py would, once, not by parallel runs at once
+            meta = load_meta(folder)
+            check_bin(folder, meta, "train"), check_bin(folder, meta, "val")
+        except DataError as e:
+            problems.append(str(e))
+    return problems
 
 
 class Job:
@@ -265,7 +278,7 @@ def plot(curves, out_root):
 
 def main(argv):
     argv, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = Parser(prog="tools/ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="tools/ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ablation", help="the ablation file, e.g. ablations/sigmoid_recipe.toml")
     p.add_argument("--seeds", help="comma-separated seeds instead of the file's, e.g. 1337,1338")
     p.add_argument("--only", help="comma-separated run names: run only these (the report covers every run)")
@@ -274,7 +287,9 @@ def main(argv):
     p.add_argument("--force", action="store_true", help="start every (run, seed) afresh, finished or not")
     p.add_argument("--dry_run", action="store_true", help="check every config and print the commands; run nothing")
     p.add_argument("--report_only", action="store_true", help="only write results.md and val_loss.png from the logs")
-    a = p.parse_args(argv)
+    a, unknown = p.parse_known_args(argv)
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}; give train.py overrides after --")
     for flag, value in (("--seeds", a.seeds), ("--gpus", None if a.gpus == "auto" else a.gpus)):
         if value is not None and not re.fullmatch(r"\d+(,\d+)*", value):
             fail(f"{flag} expects comma-separated integers like 0,1, got {value!r}")
@@ -298,6 +313,11 @@ def main(argv):
     for job in todo:
         if not a.force and (job.out_dir / "ckpt.pt").is_file():
             job.resume()
+    problems = check_data(todo, runs, a.dry_run)
+    for line in problems:
+        print(f"{'note' if a.dry_run else 'error'}: {line}", file=sys.stderr)
+    if problems and not a.dry_run:
+        return 2  # before any run starts
     for job in jobs:
         if job not in todo:
             print(f"# finished, skipped: {job.shown}")
