@@ -361,7 +361,7 @@ def main(argv):
         model.record_attn_norms(True)  # before compiling: flipping it later recompiles
     raw_model = model
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=False)  # static shapes: the larger eval batch must not make training dynamic
     if ddp:
         model = DDP(model, device_ids=[local_rank] if kind == "cuda" else None)
     eval_model = model.module if ddp else model

@@ -413,3 +413,17 @@ def test_batched_evaluation_equals_the_mean_of_per_batch_losses(tmp_path, eval_i
     with torch.no_grad():
         losses = [model(*get_batch(splits["val"][0], "uint16", ix[k], 16, "cpu"))[1] for k in range(eval_iters)]
     assert got["val"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-6)
+
+
+def test_a_larger_eval_batch_leaves_the_compiled_training_graph_static(tmp_path):
+    """train.py compiles with dynamic=False: else the eval pass's other batch size makes torch.compile
+    recompile the training step with a symbolic batch size."""
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16))
+    graph_inputs = []
+    compiled = torch.compile(model, dynamic=False, backend=lambda gm, inputs: graph_inputs.append(inputs) or gm)
+    x = torch.zeros(16, 16, dtype=torch.long)
+    with torch.no_grad():
+        compiled.eval()(x, x)  # an eval pass of 8 batches of 2
+    compiled.train()(x[:2], x[:2])[1].backward()
+    assert len(graph_inputs) == 2 and all(isinstance(i, torch.Tensor) for i in graph_inputs[1])
