@@ -135,6 +135,7 @@ class GPT(nn.Module):
         self.transformer.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, https://paperswithcode.com/method/weight-tying
+        self.chunked_loss = True  # the loss by linear_cross_entropy; False: F.cross_entropy on all the logits
 
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # scaled init of the residual projections, per GPT-2 paper
@@ -157,9 +158,11 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, kv_caches=None):
-        """idx (B, T) token ids -> (logits, loss). Without targets only the last position's logits
-        (B, 1, vocab_size) are computed. kv_caches: one attention.KVCache per layer, for generate."""
+    def forward(self, idx, targets=None, kv_caches=None, all_logits=False):
+        """idx (B, T) token ids -> (logits, loss). With targets (B, T): (None, mean cross-entropy over
+        the targets that are not -1), without ever holding the (B, T, vocab) logits. Without targets:
+        the last position's logits (B, 1, vocab_size), or every position's (B, T, vocab_size) with
+        all_logits. kv_caches: one attention.KVCache per layer, for generate."""
         B, T = idx.size()
         start = kv_caches[0].length if kv_caches else 0  # position of idx's first token
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size {self.config.block_size}"
@@ -172,12 +175,14 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         V = self.config.vocab_size
         if targets is not None:
-            logits = self.lm_head(x)[..., :V]  # (B, T, vocab_size)
-            loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
-        else:  # inference: only the last position is needed
-            logits = self.lm_head(x[:, [-1], :])[..., :V]  # (B, 1, vocab_size); the list index keeps the time dim
-            loss = None
-        return logits, loss
+            if not self.chunked_loss:  # the plain path, kept to compare against (bench_train.py --losses)
+                logits = self.lm_head(x)[..., :V]  # (B, T, vocab_size)
+                return None, F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
+            rows = max(1, 2**27 // self.padded_vocab_size)  # logits per chunk <= 2^27 (GPT-2 124M: 2668 rows)
+            return None, linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), V, rows)
+        if not all_logits:  # inference: only the last position is needed
+            x = x[:, [-1], :]  # (B, 1, n_embd); the list index keeps the time dim
+        return self.lm_head(x)[..., :V], None
 
     def record_attn_norms(self, on=True):
         """Make every attention layer keep its output's mean L2 norm per token (--log_attn_norm).
@@ -332,6 +337,56 @@ class GPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
         self.train(was_training)
         return idx
+
+
+def linear_cross_entropy(x, weight, targets, vocab_size, rows):
+    """F.cross_entropy(x @ weight.T[:, :vocab_size], targets, ignore_index=-1) for x (N, C), weight
+    (V_padded, C), targets (N,), computed rows at a time so that the (N, V) logits never exist at once
+    (GPT-2 124M at batch 12: 2.5 GB of float32 logits, written and read twice per step)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(x, weight, targets, vocab_size, rows)
+    return chunked_cross_entropy(x, weight, targets, vocab_size, rows, grads=False)[0] / (targets != -1).sum()
+
+
+def chunked_cross_entropy(x, weight, targets, vocab_size, rows, grads):
+    """The sum of the losses and its gradients for x and weight (None unless grads). The logits come
+    in the matmul's dtype (bfloat16 under autocast, as from F.linear), the softmax in float32."""
+    loss = torch.zeros((), device=x.device)
+    grad_x = torch.empty_like(x) if grads else None
+    grad_w = torch.zeros_like(weight) if grads else None
+    for i in range(0, len(x), rows):
+        xc, yc = x[i:i + rows], targets[i:i + rows]  # (r, C), (r,)
+        z = xc @ weight.T  # (r, V_padded)
+        logits = z.float()
+        logits[:, vocab_size:] = -math.inf  # the padding ids are no tokens
+        lse = logits.logsumexp(dim=-1, keepdim=True)  # (r, 1)
+        keep = (yc != -1)[:, None]  # (r, 1)
+        y = yc.clamp(min=0)[:, None]
+        loss += ((lse - logits.gather(1, y)) * keep).sum()
+        if grads:  # d (sum of losses) / d logits = softmax - one_hot(y), zero on ignored rows
+            dlogits = logits.sub_(lse).exp_().scatter_add_(1, y, -torch.ones_like(lse)).mul_(keep).to(z.dtype)
+            grad_x[i:i + rows] = dlogits @ weight
+            grad_w += dlogits.T @ xc
+    return loss, grad_x, grad_w
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """linear_cross_entropy with the gradients computed in the forward pass, while each chunk's logits
+    are at hand (softmax - one_hot is all backward needs): nothing is recomputed and backward only
+    scales them. The fused linear cross-entropy of Liger-Kernel (Hsu et al. 2024), in plain torch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, rows):
+        loss, grad_x, grad_w = chunked_cross_entropy(x, weight, targets, vocab_size, rows, grads=True)
+        n = (targets != -1).sum()  # on the device: no host sync
+        ctx.save_for_backward(grad_x, grad_w, n)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, n = ctx.saved_tensors
+        scale = grad_loss / n  # the gradients were of the sum
+        return grad_x * scale, grad_w * scale, None, None, None
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

@@ -36,8 +36,8 @@ def test_output_at_t_ignores_later_tokens(variant):
     changed = idx.clone()
     t = 9
     changed[:, t + 1:] = (idx[:, t + 1:] + 1) % 50
-    logits, _ = model(idx, targets=idx)  # all positions
-    logits_changed, _ = model(changed, targets=changed)
+    logits, _ = model(idx, all_logits=True)
+    logits_changed, _ = model(changed, all_logits=True)
     torch.testing.assert_close(logits[:, :t + 1], logits_changed[:, :t + 1], rtol=0, atol=1e-6)
     assert not torch.allclose(logits[:, t + 1:], logits_changed[:, t + 1:])  # the change did reach the model
 

@@ -190,19 +190,28 @@ def build_model(cfg, meta, ckpt, ckpt_path):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, dtype, gen, cfg, ctx, device, rank, world):
+def estimate_loss(model, splits, dtype, gen, cfg, ctx, device, rank, world, per_pass=8):
     """Mean loss over eval_iters batches per split. Offsets come from gen, never the training stream;
-    every rank draws them all and evaluates batches rank, rank + world, ..."""
+    every rank draws them all and evaluates batches rank, rank + world, ... Up to per_pass batches go
+    through the model at once (without gradients a forward pass holds about one layer's activations,
+    so 8 batches need less memory than a training step); a short last pass is padded to the same
+    shape, so nothing recompiles, with its padding targets set to -1, which the loss ignores."""
     model.eval()
     out = {}
     for split, (path, n_tokens) in splits.items():
         ix = torch.randint(n_tokens - cfg.block_size, (cfg.eval_iters, cfg.batch_size), generator=gen)
+        mine = ix[rank::world]  # (batches, B): this rank's
+        size = max(1, min(per_pass, len(mine)))
         total = torch.zeros(2, device=device)  # (sum of losses, batches) on this rank
-        for k in range(rank, cfg.eval_iters, world):
-            x, y = get_batch(path, dtype, ix[k], cfg.block_size, device)
+        for k in range(0, len(mine), size):
+            n = len(mine[k:k + size])
+            group = torch.cat([mine[k:k + n], mine[:size - n]])  # (size, B), padded with earlier batches
+            x, y = get_batch(path, dtype, group.flatten(), cfg.block_size, device)  # (size * B, T)
+            y[n * cfg.batch_size:] = -1
             with ctx:
-                _, loss = model(x, y)
-            total += torch.stack([loss.float(), torch.ones((), device=device)])
+                _, loss = model(x, y)  # the mean over n batches of equal size = the mean of their means
+            total[0] += loss.float() * n
+            total[1] += n
         if world > 1:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()
@@ -352,7 +361,7 @@ def main(argv):
         model.record_attn_norms(True)  # before compiling: flipping it later recompiles
     raw_model = model
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=False)  # static shapes: the larger eval batch must not make training dynamic
     if ddp:
         model = DDP(model, device_ids=[local_rank] if kind == "cuda" else None)
     eval_model = model.module if ddp else model

@@ -2,19 +2,28 @@
 
     python benchmarks/bench_train.py presets/gpt2_124m.toml --batch_size=12
     python benchmarks/bench_train.py presets/gpt2_124m.toml --block_size=4096 --batch_size=3 --variants=softmax:1,sigmoid:1
+    # GPT-2 124M: the plain and the chunked loss, at batch 12 and at the largest batch that fits
+    python benchmarks/bench_train.py presets/gpt2_124m.toml --variants=softmax:1,sigmoid:1 --losses=plain,chunked --largest_batch
 
-Model keys come from the presets and --key=value overrides, as train.py takes them. Each variant
-(attn:compile) builds the model, runs --warmup steps (compilation happens there), then times
---iters full steps (forward, backward, fused AdamW) of batch_size x block_size random tokens in
-bf16 autocast. Prints ms/iter, tokens/s, MFU, peak memory and each row's tokens/s over the first row's.
+Model keys come from the presets and --key=value overrides, as train.py takes them (--dropout=0.1
+measures with dropout). Each variant (attn:compile) and loss (--losses: chunked = model.py's
+linear_cross_entropy, plain = F.cross_entropy on all the logits) builds the model, runs --warmup
+steps (compilation happens there), then times --iters full steps (forward, backward, fused AdamW)
+of batch_size x block_size random tokens in bf16 autocast. --largest_batch adds, per row, a row at
+the largest batch its peak memory leaves room for (90% of the GPU's memory; smaller on running out).
+Prints ms/iter, tokens/s, MFU, peak memory, the host syncs one step makes (0: the CPU runs ahead of
+the GPU), and each row's tokens/s over the first row's.
 --profile also prints, per variant, the GPU kernels that took the most time over 5 steps, and the
 GPU's busy time against the step time (a step much longer than its kernels is launch-bound).
 """
 import argparse
+import dataclasses
 import datetime
+import gc
 import sys
-from pathlib import Path
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -23,10 +32,11 @@ from configurable import TrainConfig, parse_args  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
-def bench_variant(cfg, attn, compile, iters, warmup, profile=False, vocab_size=50257):
+def bench_variant(cfg, attn, compile, loss_kind, iters, warmup, profile=False, vocab_size=50257):
     torch.manual_seed(0)
-    cfg.attn = attn
+    cfg = dataclasses.replace(cfg, attn=attn)
     model = GPT(GPTConfig.from_train_config(cfg, vocab_size)).cuda()
+    model.chunked_loss = loss_kind == "chunked"
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cuda")
     step_model = torch.compile(model) if compile else model
     x = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), device="cuda")
@@ -41,7 +51,9 @@ def bench_variant(cfg, attn, compile, iters, warmup, profile=False, vocab_size=5
 
     for _ in range(warmup):
         step()
+    syncs = count_host_syncs(step)
     torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated()  # weights and optimizer state: what a larger batch doesn't grow
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(iters):
@@ -52,8 +64,41 @@ def bench_variant(cfg, attn, compile, iters, warmup, profile=False, vocab_size=5
     mfu = model.estimate_mfu(cfg.batch_size, dt)
     if profile:
         print_profile(step, dt, f"{attn} compile={compile}")
-    return dict(attn=attn, compile=compile, ms=dt * 1e3, tok_s=tokens / dt, mfu=mfu,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    return dict(attn=attn, compile=compile, loss=loss_kind, batch=cfg.batch_size, ms=dt * 1e3, tok_s=tokens / dt,
+                mfu=mfu, peak=torch.cuda.max_memory_allocated(), resident=resident, syncs=syncs)
+
+
+def count_host_syncs(step):
+    """How many times one step makes the host wait for the GPU (.item(), a device-to-host copy...)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def largest_batch(cfg, row, *bench_args):
+    """The row's variant at the largest batch that fits: estimated from its memory per sequence, then
+    85% of that until a run doesn't run out of memory."""
+    per_sequence = (row["peak"] - row["resident"]) / row["batch"]
+    batch = int((0.9 * torch.cuda.mem_get_info()[1] - row["resident"]) / per_sequence)
+    while batch > row["batch"]:
+        try:
+            return bench_variant(dataclasses.replace(cfg, batch_size=batch), *bench_args)
+        except torch.OutOfMemoryError:
+            pass
+        free_memory()  # outside the except block: the traceback no longer holds the model
+        batch = int(batch * 0.85)
+    return None
+
+
+def free_memory():
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def print_profile(step, dt, name, steps=5):
@@ -74,41 +119,57 @@ def format_mfu(mfu):
     return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
 
 
+def print_row(r):
+    print(f"{r['attn']:8} compile={r['compile']!s:5} loss={r['loss']:7} batch {r['batch']:3} {r['ms']:8.1f} ms/iter "
+          f"{r['tok_s']:10,.0f} tok/s mfu {format_mfu(r['mfu'])} peak {r['peak'] / 2**30:.1f} GiB "
+          f"host syncs/step {r['syncs']}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--variants", default="softmax:1,sigmoid:1,softmax:0,sigmoid:0",
                    help="comma-separated attn:compile pairs")
+    p.add_argument("--losses", default="chunked", help="comma-separated: chunked, plain")
+    p.add_argument("--largest_batch", action="store_true", help="also run each row at the largest batch that fits")
     p.add_argument("--out", default="", help="append the markdown table to this file")
     p.add_argument("--profile", action="store_true", help="print each variant's costliest GPU kernels")
     args, rest = p.parse_known_args()
     cfg = parse_args(rest, TrainConfig, prog="benchmarks/bench_train.py")
+    losses = args.losses.split(",")
+    if not set(losses) <= {"chunked", "plain"}:
+        sys.exit(f"error: --losses takes chunked and/or plain, got {args.losses!r}")
     if not torch.cuda.is_available():
         sys.exit("error: bench_train.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
-    for variant in args.variants.split(","):
-        attn, compile = variant.split(":")
-        rows.append(bench_variant(cfg, attn, compile == "1", args.iters, args.warmup, args.profile))
-        r = rows[-1]
-        print(f"{attn:8} compile={r['compile']!s:5} {r['ms']:8.1f} ms/iter {r['tok_s']:10,.0f} tok/s "
-              f"mfu {format_mfu(r['mfu'])} peak {r['peak_gib']:.1f} GiB", flush=True)
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
-    model_desc = f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}, batch {cfg.batch_size}"
+    for loss_kind in losses:
+        for variant in args.variants.split(","):
+            attn, compile = variant.split(":")
+            rows.append(bench_variant(cfg, attn, compile == "1", loss_kind, args.iters, args.warmup, args.profile))
+            print_row(rows[-1])
+            free_memory()
+    for row in list(rows) if args.largest_batch else []:
+        big = largest_batch(cfg, row, row["attn"], row["compile"], row["loss"], args.iters, args.warmup)
+        if big:
+            rows.append(big)
+            print_row(big)
+        free_memory()
+    model_desc = f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}, dropout {cfg.dropout}"
     lines = [f"### {torch.cuda.get_device_name()}, {datetime.date.today()}, torch {torch.__version__}: {model_desc}", "",
              f"Command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`", "",
-             "| attn | compile | ms/iter | tokens/s | MFU | peak GiB | tokens/s vs first row |", "|---|---|---|---|---|---|---|"]
+             "| attn | compile | loss | batch | ms/iter | tokens/s | MFU | peak GiB | host syncs/step | tokens/s vs first row |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['attn']} | {'on' if r['compile'] else 'off'} | {r['ms']:.1f} | {r['tok_s']:,.0f} | {format_mfu(r['mfu'])} | "
-                     f"{r['peak_gib']:.1f} | {r['tok_s'] / rows[0]['tok_s']:.2f}x |")
+        lines.append(f"| {r['attn']} | {'on' if r['compile'] else 'off'} | {r['loss']} | {r['batch']} | {r['ms']:.1f} | "
+                     f"{r['tok_s']:,.0f} | {format_mfu(r['mfu'])} | {r['peak'] / 2**30:.1f} | {r['syncs']} | "
+                     f"{r['tok_s'] / rows[0]['tok_s']:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         with open(args.out, "a") as f:
             f.write(text + "\n")
-
 
 if __name__ == "__main__":
     main()

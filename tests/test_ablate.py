@@ -1,5 +1,6 @@
 """ablate.py end to end on the CPU: a 2-run x 2-seed ablation of a tiny model, each ablate.py a subprocess."""
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,27 @@ def test_forced_run_removes_the_old_checkpoint_first(done, tmp_path):
     result = ablate(path, "--force", "--only=softmax", "--seeds=1")
     assert result.returncode == 0, result.stderr
     assert not (old / "ckpt.pt").exists()
+
+
+def test_each_run_says_when_it_starts_and_finishes_first_seeds_first(done):
+    _, _, result = done
+    started = re.findall(r"\] start python train.py .*--out_dir=\S+/(\w+)/seed(\d)", result.stdout)
+    assert started == [("softmax", "1"), ("sigmoid", "1"), ("softmax", "2"), ("sigmoid", "2")]
+    finished = re.findall(r"\] done (\w+) seed (\d): best val loss (\d+\.\d{4}), \d+\.\d min", result.stdout)
+    assert sorted((run, seed) for run, seed, _ in finished) == sorted(started)
+    assert re.search(r"4 runs finished in \d+\.\d min, 1 at a time: \d+\.\d runs per hour", result.stdout)
+
+
+def test_runs_share_each_gpu_per_gpu_times_and_the_cpu_one_at_a_time(monkeypatch):
+    sys.path.insert(0, str(REPO / "tools"))
+    import ablate
+    assert ablate.pick_slots("0,1", 3) == ["0", "0", "0", "1", "1", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU
+    assert ablate.pick_slots("auto", 4) == [None]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert ablate.pick_slots("auto", 2) == ["2", "2", "5", "5"]
+
+
+def test_per_gpu_below_one_is_one_line(tmp_path):
+    result = ablate(write_ablation(tmp_path), "--per_gpu=0")
+    assert result.returncode == 2 and result.stderr.strip() == "error: --per_gpu must be at least 1, got 0"

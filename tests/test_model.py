@@ -42,7 +42,7 @@ def test_generate_never_samples_padding_ids():
         model.lm_head.weight[65:] = model.transformer.ln_f.weight.sign() * 10
     out = model.generate(torch.zeros(8, 1, dtype=torch.long), 20, temperature=1.0)
     assert out.max() < 65
-    logits, _ = model(out[:, :16], targets=out[:, 1:17])
+    logits, _ = model(out[:, :16], all_logits=True)
     assert logits.shape == (8, 16, 65)
 
 
@@ -112,7 +112,8 @@ def test_from_checkpoint_rebuilds_the_same_model(extra):
     ckpt["model"] = {"_orig_mod." + k: v for k, v in ckpt["model"].items()}  # as saved from a torch.compile'd model
     again = GPT.from_checkpoint(ckpt).eval()
     idx = torch.randint(0, 65, (2, 16))
-    torch.testing.assert_close(again(idx, idx)[0], model(idx, idx)[0], rtol=0, atol=0)
+    torch.testing.assert_close(again(idx, all_logits=True)[0], model(idx, all_logits=True)[0], rtol=0, atol=0)
+    torch.testing.assert_close(again(idx, idx)[1], model(idx, idx)[1], rtol=0, atol=0)
 
 
 def test_from_checkpoint_rejects_another_architecture_in_one_line():
@@ -216,4 +217,57 @@ def test_hf_gpt2_weights_give_the_same_logits():
                                                  bias=True)).eval()
     idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(model(idx, idx)[0], gpt2_logits(sd, idx, n_layer=2, n_head=4), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(idx, all_logits=True)[0], gpt2_logits(sd, idx, n_layer=2, n_head=4), rtol=1e-4, atol=1e-4)
+
+
+def plain_cross_entropy(x, weight, targets, vocab_size):
+    return torch.nn.functional.cross_entropy((x @ weight.T)[:, :vocab_size], targets, ignore_index=-1)
+
+
+@pytest.mark.parametrize("rows", [7, 1000])  # several chunks, the last one shorter; one chunk
+def test_chunked_loss_matches_plain_cross_entropy_and_its_gradients(rows):
+    from model import linear_cross_entropy
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)  # 50 real ids + 14 padding rows
+    targets = torch.randint(0, 50, (40,))
+    targets[[3, 17]] = -1  # ignored positions
+    want = plain_cross_entropy(x, weight, targets, 50)
+    want_grads = torch.autograd.grad(want * 3, (x, weight))
+    x32, w32 = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    got = linear_cross_entropy(x32, w32, targets, 50, rows)
+    got_grads = torch.autograd.grad(got * 3, (x32, w32))  # * 3: backward scales by the incoming gradient
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)
+    assert torch.all(got_grads[1][50:] == 0)  # no gradient reaches the padding rows
+    with torch.no_grad():  # the evaluation path: the same loss, no gradients computed
+        torch.testing.assert_close(linear_cross_entropy(x32, w32, targets, 50, rows), got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_loss_and_gradients_match_the_plain_path(dtype):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(attn="sigmoid", dropout=0.0))
+    idx, targets = torch.randint(0, 65, (2, 2, 16))
+    losses, grads = [], []
+    for chunked in (True, False):
+        model.chunked_loss = chunked
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = model(idx, targets)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(losses[0], losses[1], **tol)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_chunked_loss_compiles_into_one_graph():
+    model = GPT(tiny_config())
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+    idx = torch.randint(0, 65, (2, 16))
+    _, loss = compiled(idx, idx)
+    loss.backward()
+    model.chunked_loss = False
+    torch.testing.assert_close(loss, model(idx, idx)[1])

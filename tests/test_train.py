@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -387,3 +388,44 @@ def test_ddp_rank_failure_exits_all_ranks(data_dir, tmp_path):
     assert result.returncode != 0
     assert "[rank 1]" in result.stderr and "failing on purpose" in result.stderr
     assert time.time() - start < 120
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize("eval_iters", [11, 3])  # 8 + a padded 3; fewer than one pass
+def test_batched_evaluation_equals_the_mean_of_per_batch_losses(tmp_path, eval_iters):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from model import GPT, GPTConfig
+    from train import estimate_loss, get_batch
+    tokens = np.random.default_rng(0).integers(0, 65, 5000).astype(np.uint16)
+    tokens.tofile(tmp_path / "val.bin")
+    splits = {"val": (str(tmp_path / "val.bin"), len(tokens))}
+    cfg = SimpleNamespace(block_size=16, batch_size=4, eval_iters=eval_iters)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dropout=0.5))
+    got = estimate_loss(model, splits, "uint16", torch.Generator().manual_seed(7), cfg, nullcontext(), "cpu", 0, 1)
+    assert model.training  # back in training mode
+    # the evaluation as it was: the same offsets, one batch per forward pass, the mean of the batch means
+    model.eval()
+    ix = torch.randint(len(tokens) - 16, (eval_iters, 4), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        losses = [model(*get_batch(splits["val"][0], "uint16", ix[k], 16, "cpu"))[1] for k in range(eval_iters)]
+    assert got["val"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-6)
+
+
+def test_a_larger_eval_batch_leaves_the_compiled_training_graph_static(tmp_path):
+    """train.py compiles with dynamic=False: else the eval pass's other batch size makes torch.compile
+    recompile the training step with a symbolic batch size."""
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16))
+    graph_inputs = []
+    compiled = torch.compile(model, dynamic=False, backend=lambda gm, inputs: graph_inputs.append(inputs) or gm)
+    x = torch.zeros(16, 16, dtype=torch.long)
+    with torch.no_grad():
+        compiled.eval()(x, x)  # an eval pass of 8 batches of 2
+    compiled.train()(x[:2], x[:2])[1].backward()
+    assert len(graph_inputs) == 2 and all(isinstance(i, torch.Tensor) for i in graph_inputs[1])

@@ -1,8 +1,8 @@
 """
 Run an ablation: every (run, seed) of an ablation file through train.py, then a table and a plot.
 
-    python tools/ablate.py ablations/sigmoid_recipe.toml                  # all runs x seeds (one per GPU if several)
-    python tools/ablate.py ablations/sigmoid_recipe.toml --gpus=0,1,0,1   # two at a time on each of GPUs 0 and 1
+    python tools/ablate.py ablations/sigmoid_recipe.toml                  # all runs x seeds, 4 at a time per GPU
+    python tools/ablate.py ablations/sigmoid_recipe.toml --gpus=0,1 --per_gpu=8   # 8 at a time on each of GPUs 0 and 1
     python tools/ablate.py ablations/sigmoid_recipe.toml --only=softmax,sigmoid_recipe --seeds=1337
     python tools/ablate.py ablations/sigmoid_recipe.toml --dry_run        # check every run's config, print the commands
     python tools/ablate.py ablations/sigmoid_recipe.toml --report_only    # results.md + val_loss.png from earlier logs
@@ -12,11 +12,15 @@ An ablation file is TOML: base = ["presets/x.toml"], out_root = "out-x", optiona
 overrides = {key = value} for every run, then one [table] of train.py keys per run. Each (run, seed)
 trains in <out_root>/<run>/seed<seed>/ (log.jsonl, ckpt.pt, train.out); one whose log.jsonl already
 ends with the eval at max_iters is skipped, and an unfinished one with a ckpt.pt resumes from it,
-unless --force (start every run afresh).
+unless --force (start every run afresh). Small runs leave a GPU mostly idle (a baby GPT's step is
+bound by small kernels and the CPU), so --per_gpu runs share each GPU; on the CPU one runs at a time.
+The end says how many runs finished per hour: run the same ablation with --force and another
+--per_gpu to find the best packing for a GPU.
 """
 import argparse
 import difflib
 import json
+import math
 import os
 import queue
 import re
@@ -26,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -139,14 +144,19 @@ class Job:
         log = self.log()
         return bool(log) and log[-1].get("iter") == self.max_iters and log[-1].get("val_loss") is not None
 
-    def train(self, gpu, echo):
-        """train.py in a subprocess, its output to out_dir/train.out (and to the terminal if echo).
-        Returns its exit status."""
+    def best_val_loss(self):
+        return min((r["val_loss"] for r in self.log() if r.get("val_loss") is not None), default=math.nan)
+
+    def train(self, gpu, echo, threads):
+        """train.py in a subprocess, its output to out_dir/train.out (and to the terminal if echo), with
+        `threads` CPU threads for torch and for compiling. Returns its exit status."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if not self.resuming:  # a fresh start (or --force): should it stop, a rerun must not resume the old checkpoint
             for name in ("ckpt.pt", "log.jsonl"):
                 (self.out_dir / name).unlink(missing_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **({} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}))
+        if threads:  # runs side by side share the cores instead of each starting one thread per core
+            env.update(OMP_NUM_THREADS=str(threads), TORCHINDUCTOR_COMPILE_THREADS=str(threads))
         with open(self.out_dir / "train.out", "w", buffering=1) as out:  # line-buffered: tail -f shows progress
             out.write(f"$ {self.shown}\n")
             proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -157,12 +167,14 @@ class Job:
             return proc.wait()
 
 
-def run_all(jobs, gpus):
-    """Jobs one after another, or one per GPU at a time. Returns (the failed ones, whether Ctrl-C stopped it);
-    a failure leaves the others to carry on."""
+def run_all(jobs, slots):
+    """Jobs, len(slots) at a time, each slot a GPU id or None (wherever train.py puts it). Returns (the
+    failed ones, whether Ctrl-C stopped it); a failure leaves the others to carry on."""
     todo, failed, lock, stop = queue.Queue(), [], threading.Lock(), threading.Event()
     for i, job in enumerate(jobs):
         todo.put((i, job))
+    threads = max(1, (os.cpu_count() or 1) // len(slots)) if len(slots) > 1 else None
+    start = time.monotonic()
 
     def worker(gpu):
         while not stop.is_set():
@@ -171,37 +183,48 @@ def run_all(jobs, gpus):
             except queue.Empty:  # another worker took the last one
                 return
             with lock:
-                print(f"[{i + 1}/{len(jobs)}]{'' if gpu is None else f' (GPU {gpu})'} {job.shown}", flush=True)
-            if code := job.train(gpu, echo=len(gpus) == 1):
-                last = ((job.out_dir / "train.out").read_text().strip().splitlines() or [""])[-1]
-                with lock:
+                print(f"[{i + 1}/{len(jobs)}] start{'' if gpu is None else f' (GPU {gpu})'} {job.shown}", flush=True)
+            began = time.monotonic()
+            code = job.train(gpu, echo=len(slots) == 1, threads=threads)
+            took = f"{(time.monotonic() - began) / 60:.1f} min"
+            with lock:
+                if code:
+                    last = ((job.out_dir / "train.out").read_text().strip().splitlines() or [""])[-1]
                     failed.append(job)
-                    print(f"{'STOPPED' if stop.is_set() else 'FAILED'} {job.run} seed {job.seed} (exit {code}): {last} "
-                          f"[see {job.out_dir / 'train.out'}]", file=sys.stderr, flush=True)
-    threads = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in gpus]
-    for t in threads:
+                    print(f"[{i + 1}/{len(jobs)}] {'STOPPED' if stop.is_set() else 'FAILED'} {job.run} seed {job.seed} "
+                          f"(exit {code}) after {took}: {last} [see {job.out_dir / 'train.out'}]",
+                          file=sys.stderr, flush=True)
+                else:
+                    print(f"[{i + 1}/{len(jobs)}] done {job.run} seed {job.seed}: best val loss "
+                          f"{job.best_val_loss():.4f}, {took}", flush=True)
+    workers = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in slots]
+    for t in workers:
         t.start()
     # Ctrl-C reaches the children too: wait while they save and say how to resume, and start no more.
     # A handler, not KeyboardInterrupt: an interrupted join() can report a running thread as finished.
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        for t in threads:
+        for t in workers:
             t.join()
     finally:
         signal.signal(signal.SIGINT, previous)
+    hours, done = (time.monotonic() - start) / 3600, len(jobs) - len(failed)
+    if jobs:
+        print(f"{done} runs finished in {hours * 60:.1f} min, {len(slots)} at a time: {done / hours:.1f} runs per hour")
     return failed, stop.is_set()
 
 
-def pick_gpus(spec):
-    """GPU ids to run on in parallel, or [None]: one run at a time wherever train.py puts it."""
+def pick_slots(spec, per_gpu):
+    """One entry per run that may go at once: each GPU id per_gpu times, or [None] without a GPU
+    (one run at a time on the CPU, whose cores a run's threads already use)."""
     if spec != "auto":
-        return spec.split(",")
-    if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:  # the ids as they are, not renumbered
+        ids = spec.split(",")
+    elif (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:  # the ids as they are, not renumbered
         ids = [g for g in visible.split(",") if g.strip()]
     else:
         import torch
         ids = [str(i) for i in range(torch.cuda.device_count())]
-    return ids if len(ids) > 1 else [None]
+    return [gpu for gpu in ids for _ in range(per_gpu)] or [None]
 
 
 def stat(xs, fmt="{:.4f}"):
@@ -282,14 +305,17 @@ def main(argv):
     p.add_argument("ablation", help="the ablation file, e.g. ablations/sigmoid_recipe.toml")
     p.add_argument("--seeds", help="comma-separated seeds instead of the file's, e.g. 1337,1338")
     p.add_argument("--only", help="comma-separated run names: run only these (the report covers every run)")
-    p.add_argument("--gpus", default="auto", help="auto (one run per visible GPU at a time) or ids like 0,1; "
-                   "repeat an id to run several at once on that GPU: 0,1,0,1")
+    p.add_argument("--gpus", default="auto", help="auto (every visible GPU) or ids like 0,1")
+    p.add_argument("--per_gpu", type=int, default=4, help="runs at once on each GPU (4: baby GPTs on an H200, "
+                   "each alone would leave it mostly idle)")
     p.add_argument("--force", action="store_true", help="start every (run, seed) afresh, finished or not")
     p.add_argument("--dry_run", action="store_true", help="check every config and print the commands; run nothing")
     p.add_argument("--report_only", action="store_true", help="only write results.md and val_loss.png from the logs")
     a, unknown = p.parse_known_args(argv)
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}; give train.py overrides after --")
+    if a.per_gpu < 1:
+        fail(f"--per_gpu must be at least 1, got {a.per_gpu}")
     for flag, value in (("--seeds", a.seeds), ("--gpus", None if a.gpus == "auto" else a.gpus)):
         if value is not None and not re.fullmatch(r"\d+(,\d+)*", value):
             fail(f"{flag} expects comma-separated integers like 0,1, got {value!r}")
@@ -325,7 +351,10 @@ def main(argv):
             print(job.shown)
     if a.dry_run:
         return 0
-    failed, interrupted = run_all(todo, pick_gpus(a.gpus))
+    # the first seed of every run, then the second...: a run's later seeds find its compiled graphs
+    # in the inductor cache (shared by every run of this user), instead of compiling them alongside
+    todo.sort(key=lambda job: chosen.index(job.seed))
+    failed, interrupted = run_all(todo, pick_slots(a.gpus, a.per_gpu))
     report(a.ablation, out_root, reported)
     if interrupted:
         print("interrupted: the same command again skips finished runs and resumes the others", file=sys.stderr)

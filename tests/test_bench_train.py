@@ -1,0 +1,13 @@
+"""bench_train.py's argument checks (the benchmark itself needs a CUDA GPU)."""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent  # the repository root
+
+
+def test_an_unknown_loss_kind_is_one_line():
+    result = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--losses=plain,fused"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: --losses takes chunked and/or plain, got 'plain,fused'"]
