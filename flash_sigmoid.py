@@ -79,11 +79,6 @@ def kernel_available():
     return triton is not None and (torch.cuda.is_available() or INTERPRET)
 
 
-def can_use_kernel(q):
-    """True when flash_sigmoid can run on this tensor (device and head dim)."""
-    return triton is not None and (q.is_cuda or INTERPRET) and q.shape[-1] in SUPPORTED_HEAD_DIMS
-
-
 def flash_sigmoid(q, k, v, causal=True, sigmoid_bias=None, scale=None, alibi_slopes=None, dropout_p=0.0,
                   dropout_seed=None):
     """Fused sigmoid attention with autograd; same arguments and result as the reference.
@@ -202,7 +197,7 @@ if triton is not None:
             v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
             s = tl.dot(q, kT)  # (BLOCK_M, BLOCK_N)
             p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope,
-                       MASK, HAS_ALIBI, FAST)
+                       MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
             if DROPOUT:
                 p *= _dropout_scale(seed, bh, T, offs_m[:, None], offs_n[None, :], dropout_p)
             acc = tl.dot(p.to(v.dtype), v, acc)
@@ -231,17 +226,15 @@ if triton is not None:
         half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
         seed = tl.load(Seed) if DROPOUT else 0
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        if CAUSAL:  # blocks left of the diagonal unmasked, the diagonal block masked, none above it
-            acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m, T,
-                             half_scale, half_bias, half_slope, seed, bh, dropout_p,
-                             HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
+        # causal: the keys left of the diagonal block need no mask, the diagonal block does, none lie above it
+        acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m if CAUSAL else T, T,
+                         half_scale, half_bias, half_slope, seed, bh, dropout_p, HEAD_DIM=HEAD_DIM,
+                         BLOCK_N=BLOCK_N, MASK=False, HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
+        if CAUSAL:
             acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
                              tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, seed, bh,
-                             dropout_p, HEAD_DIM, BLOCK_N, True, HAS_ALIBI, DROPOUT, FAST)
-        else:
-            acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, T, T,
-                             half_scale, half_bias, half_slope, seed, bh, dropout_p,
-                             HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
+                             dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True, HAS_ALIBI=HAS_ALIBI,
+                             DROPOUT=DROPOUT, FAST=FAST)
         tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
                  acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
 
@@ -258,7 +251,7 @@ if triton is not None:
             do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=in_seq[:, None], other=0.0)
             sT = tl.dot(k, qT)  # (BLOCK_N, BLOCK_M): scores transposed
             pT = _probs(sT, offs_m[None, :], offs_n[:, None], half_scale, half_bias, half_slope,
-                        MASK, HAS_ALIBI, FAST)
+                        MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
             dpT = tl.dot(v, tl.trans(do))
             if DROPOUT:  # dV takes the dropped weights; dP reaches S only through the kept ones
                 keep_scale = _dropout_scale(seed, bh, T, offs_m[None, :], offs_n[:, None], dropout_p)
@@ -304,17 +297,16 @@ if triton is not None:
             half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
             db = 0.0
             bh = b * H + h  # the query head's (batch, head): the dropout mask's stream
-            if CAUSAL:  # the diagonal block masked, the queries below it unmasked, none above
+            # causal: the queries below the diagonal block need no mask, the diagonal block does, none lie above
+            dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
+                                     start_n + BLOCK_N if CAUSAL else 0, T, T, half_scale, half_bias, half_slope,
+                                     seed, bh, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=False,
+                                     HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT, FAST=FAST)
+            if CAUSAL:
                 dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
-                                         start_n, start_n + BLOCK_N, T, half_scale, half_bias, half_slope, seed, bh,
-                                         dropout_p, HEAD_DIM, BLOCK_M, True, HAS_ALIBI, BIAS_GRAD, DROPOUT, FAST)
-                dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
-                                         start_n + BLOCK_N, T, T, half_scale, half_bias, half_slope, seed, bh,
-                                         dropout_p, HEAD_DIM, BLOCK_M, False, HAS_ALIBI, BIAS_GRAD, DROPOUT, FAST)
-            else:
-                dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
-                                         0, T, T, half_scale, half_bias, half_slope, seed, bh, dropout_p,
-                                         HEAD_DIM, BLOCK_M, False, HAS_ALIBI, BIAS_GRAD, DROPOUT, FAST)
+                                         start_n, start_n + BLOCK_N, T, half_scale, half_bias, half_slope,
+                                         seed, bh, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=True,
+                                         HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT, FAST=FAST)
             if BIAS_GRAD:  # one partial sum per (batch, head, key block); the launcher adds them
                 tl.store(DBias + (tl.program_id(0) * tl.num_programs(1) * GROUP) + b * H + h, db)
         tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -335,7 +327,7 @@ if triton is not None:
             vT = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
             s = tl.dot(q, kT)
             p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope,
-                       MASK, HAS_ALIBI, FAST)
+                       MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
             dp = tl.dot(do, vT)
             if DROPOUT:
                 dp *= _dropout_scale(seed, bh, T, offs_m[:, None], offs_n[None, :], dropout_p)
@@ -369,17 +361,15 @@ if triton is not None:
         half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
         seed = tl.load(Seed) if DROPOUT else 0
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # causal: the keys left of the diagonal block need no mask, the diagonal block does, none lie above it
+        dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m if CAUSAL else T, T,
+                       half_scale, half_bias, half_slope, seed, bh, dropout_p, HEAD_DIM=HEAD_DIM,
+                       BLOCK_N=BLOCK_N, MASK=False, HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
         if CAUSAL:
-            dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m, T,
-                           half_scale, half_bias, half_slope, seed, bh, dropout_p,
-                           HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
             dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
                            tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, seed, bh,
-                           dropout_p, HEAD_DIM, BLOCK_N, True, HAS_ALIBI, DROPOUT, FAST)
-        else:
-            dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, T, T,
-                           half_scale, half_bias, half_slope, seed, bh, dropout_p,
-                           HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
+                           dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True, HAS_ALIBI=HAS_ALIBI,
+                           DROPOUT=DROPOUT, FAST=FAST)
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
 
@@ -434,6 +424,14 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optio
 def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optional[Tensor],
                      seed: Optional[Tensor], dropout_p: float, causal: bool, scale: float,
                      bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv and d bias from dO, recomputing P = sigmoid(S) tile by tile from Q and K.
+
+    What this backward does not need, and why: FlashAttention saves each row's log-sum-exp from its
+    forward to rebuild P, and runs a preprocessing kernel for Delta_i = rowsum(dO_i * O_i), because
+    softmax's derivative couples a row: dS = P * (dP - Delta). Sigmoid's derivative is elementwise,
+    sigmoid' = P (1 - P), so dS = P (1 - P) dP needs only the score's own P and dP: nothing is saved
+    from the forward but its inputs, and no pass over O runs first.
+    """
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
@@ -474,9 +472,9 @@ def _backward_through(launch_backward):
 
 
 class _FlashSigmoid(torch.autograd.Function):
-    """Eager mode: the launchers under a plain autograd.Function. Its host work for a forward and
-    backward is about a third of the custom op's (71 against 231 us on a 2-core CPU, launches left
-    out), which matters at short T, where the GPU part is tens of microseconds."""
+    """Eager mode: the launchers under a plain autograd.Function, whose host work per call is well
+    below the custom op's (results/ has the numbers); that matters at short T, where the GPU part
+    takes tens of microseconds."""
 
     @staticmethod
     def forward(ctx, *inputs):

@@ -28,12 +28,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: flash_sigmoid.py, model.py
 import flash_sigmoid as fs  # noqa: E402
+from tests.attention_float64 import rel_err  # noqa: E402
 
 torch._dynamo.config.cache_size_limit = 64  # the compiled reference recompiles for every shape
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def poison_cache():

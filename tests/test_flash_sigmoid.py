@@ -3,9 +3,6 @@
 Small shapes, fp32 and fp16, odd T, causal and not, GQA, ALiBi, fixed and learnable biases.
 """
 import math
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
 
 import pytest
 from hypothesis import given, settings
@@ -13,31 +10,11 @@ from hypothesis import strategies as st
 import torch
 
 import flash_sigmoid as fs
+from tests.attention_float64 import rel_err, sigmoid_attention_f64
 
 pytestmark = pytest.mark.skipif(not fs.INTERPRET and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a GPU")
 DEVICE = "cuda" if torch.cuda.is_available() and not fs.INTERPRET else "cpu"
-
-
-def sigmoid_attention_f64(q, k, v, causal, bias, alibi_slopes=None):
-    """O[b,h,i] = sum_j sigmoid(q_i.k_j / sqrt(D) + b_h - slope_h (i - j)) v_j, over j <= i when causal."""
-    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
-    B, H, T, D = q.shape
-    group = H // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    pos = torch.arange(T, dtype=torch.float64)
-    bias = torch.as_tensor(bias, dtype=torch.float64).cpu()
-    x = q @ k.transpose(-1, -2) / math.sqrt(D) + bias.view(1, H, 1, 1)
-    if alibi_slopes is not None:
-        x = x - alibi_slopes.double().cpu().view(1, H, 1, 1) * (pos[:, None] - pos[None, :])
-    p = 1.0 / (1.0 + torch.exp(-x))
-    if causal:
-        p = p * (pos[None, :] <= pos[:, None])
-    return p @ v
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def make_inputs(B, H, H_kv, T, D, dtype, seed):
@@ -46,10 +23,15 @@ def make_inputs(B, H, H_kv, T, D, dtype, seed):
     return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
 
 
-def poisoned_cache():
-    """Fill then free memory so torch.empty hands NaNs to any output element the kernel forgets."""
-    if DEVICE == "cuda":
-        torch.empty(1 << 26, device=DEVICE).fill_(float("nan"))
+@pytest.fixture(autouse=True, scope="module")
+def poisoned_outputs():
+    """Every output and gradient the launchers allocate starts as NaN, so an element a kernel
+    forgets to write fails the test (torch.empty alone may hand out zeros, which would pass)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("_output_like", "_grad_like"):
+            allocate = getattr(fs, name)
+            patch.setattr(fs, name, lambda x, allocate=allocate: allocate(x).fill_(float("nan")))
+        yield
 
 
 CASES = [  # B, H, H_kv, T, D, causal, dtype, alibi, learnable bias
@@ -72,7 +54,6 @@ def test_forward_and_gradients_match_float64(B, H, H_kv, T, D, causal, dtype, al
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     bias_arg = bias.clone().requires_grad_() if learnable else bias
-    poisoned_cache()
     out = fs.flash_sigmoid(*leaves, causal=causal, sigmoid_bias=bias_arg, alibi_slopes=slopes)
     out.backward(do)
 
@@ -119,7 +100,6 @@ def test_strided_views_of_one_qkv_tensor():
     qkv = torch.randn(B, T, 3, H, D, device=DEVICE).requires_grad_()
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views
     assert not q.is_contiguous()
-    poisoned_cache()
     fs.flash_sigmoid(q, k, v, causal=True).square().sum().backward()
     got = qkv.grad.clone()
     qkv64 = qkv.detach().double().cpu().requires_grad_()
@@ -196,7 +176,6 @@ def test_dropout_forward_and_gradients_match_float64_with_the_kernels_mask(B, H,
     seed, p = torch.tensor([2**40 + 12345], device=DEVICE), 0.3
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     bias_arg = bias.clone().requires_grad_()
-    poisoned_cache()
     out = fs.flash_sigmoid(*leaves, causal=causal, sigmoid_bias=bias_arg, dropout_p=p, dropout_seed=seed)
     do = torch.randn_like(out)
     out.backward(do)
@@ -260,7 +239,6 @@ def test_kernel_equals_float64_on_random_shapes_and_biases(B, H_kv, group, T, D,
     q, k, v = make_inputs(B, H, H_kv, T, D, torch.float32, seed)
     slopes = torch.rand(H, device=DEVICE) if alibi else None
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    poisoned_cache()
     out = fs.flash_sigmoid(*leaves, causal=causal, sigmoid_bias=bias, alibi_slopes=slopes)
     do = torch.randn_like(out)
     out.backward(do)
