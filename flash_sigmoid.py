@@ -13,7 +13,7 @@ Two kernels, no atomics: one program per key block accumulates dK and dV (over e
 of its group, for grouped-query attention), one program per query block accumulates dQ.
 
 Attention dropout (training, as SDPA's dropout_p): P_drop = P * keep / (1 - p) with keep drawn by
-Philox from (seed, batch*head, query, key), so the backward regenerates the forward's mask; then
+an integer hash of (seed, batch*head, query, key), so the backward regenerates the forward's mask; then
 O = P_drop V, dV = P_drop^T dO, dS = P (1 - P) * (dO V^T) * keep / (1 - p).
 
 Layout: q (B, H, T, D), k and v (B, H_kv, T, D) with H a multiple of H_kv, last dim contiguous
@@ -177,16 +177,41 @@ if triton is not None:
             p = tl.where(qpos >= kpos, p, 0.0)
         return p
 
+    # Dropout mask: an integer hash per score instead of Philox. tl.rand runs Philox4x32-10 for each
+    # score (10 rounds of 2 mul.hi + 2 mul.lo + 4 xor/add: ~100 integer ops, 3 of its 4 words unused),
+    # 4-8x the kernel's time. Below, per score: an add, two xorshift-multiply rounds and a compare,
+    # 8 integer ops; the per-query and per-key parts are hashed on the (M, 1) and (1, N) vectors.
     @triton.jit
-    def _dropout_scale(seed, bh, T, qpos, kpos, dropout_p):
+    def _mix32(x):
+        """Wellons' lowbias32: a bijection of uint32 whose output bits each flip with about half the input bits."""
+        x = (x ^ (x >> 16)) * 0x7FEB352D
+        x = (x ^ (x >> 15)) * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _dropout_stream(Seed, bh):
+        """The mask's key for one (batch, head): a hash of the 64-bit seed and batch*head."""
+        seed = tl.load(Seed)
+        key = _mix32(_mix32(seed.to(tl.uint32)) ^ (seed >> 32).to(tl.uint32))
+        return _mix32(key + bh.to(tl.uint32))  # a bijection: distinct heads, distinct streams
+
+    @triton.jit
+    def _dropout_scale(stream, qpos, kpos, dropout_p):
         """1 / (1 - p) where the weight of (query, key) is kept, 0 where dropped: a function of (seed,
-        batch*head, query, key) alone, so the forward and both backward kernels draw the same mask."""
-        keep = tl.rand(seed, (bh * T + qpos) * T + kpos) >= dropout_p  # 64-bit offsets: B*H*T*T may pass 2^32
+        batch*head, query, key) alone, so the forward and both backward kernels draw the same mask,
+        whichever way their tiles are transposed. tests/attention_float64.py rewrites it in torch."""
+        row = _mix32(stream ^ qpos.to(tl.uint32))  # per query
+        x = row + kpos.to(tl.uint32) * 0x9E3779B9  # per key: a golden-ratio (Weyl) step
+        # per score: lowbias32 without its last xorshift, which only moves high bits down: the keep
+        # test reads x as a number, decided by its high bits
+        x = (x ^ (x >> 16)) * 0x7FEB352D
+        x = (x ^ (x >> 15)) * 0x846CA68B
+        keep = x >= tl.cast(dropout_p * 4294967296.0, tl.uint32)  # P(keep) = 1 - p to within 2^-32
         return tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
 
     @triton.jit
     def _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
-                   half_scale, half_bias, half_slope, seed, bh, dropout_p,
+                   half_scale, half_bias, half_slope, stream, dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
@@ -199,7 +224,7 @@ if triton is not None:
             p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope,
                        MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
             if DROPOUT:
-                p *= _dropout_scale(seed, bh, T, offs_m[:, None], offs_n[None, :], dropout_p)
+                p *= _dropout_scale(stream, offs_m[:, None], offs_n[None, :], dropout_p)
             acc = tl.dot(p.to(v.dtype), v, acc)
         return acc
 
@@ -224,15 +249,15 @@ if triton is not None:
         half_scale = 0.5 * scale
         half_bias = 0.5 * tl.load(Bias + h)
         half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
-        seed = tl.load(Seed) if DROPOUT else 0
+        stream = _dropout_stream(Seed, bh) if DROPOUT else 0
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         # causal: the keys left of the diagonal block need no mask, the diagonal block does, none lie above it
         acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m if CAUSAL else T, T,
-                         half_scale, half_bias, half_slope, seed, bh, dropout_p, HEAD_DIM=HEAD_DIM,
+                         half_scale, half_bias, half_slope, stream, dropout_p, HEAD_DIM=HEAD_DIM,
                          BLOCK_N=BLOCK_N, MASK=False, HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
         if CAUSAL:
             acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
-                             tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, seed, bh,
+                             tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, stream,
                              dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True, HAS_ALIBI=HAS_ALIBI,
                              DROPOUT=DROPOUT, FAST=FAST)
         tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
@@ -240,7 +265,7 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n, lo, hi, T,
-                    half_scale, half_bias, half_slope, seed, bh, dropout_p,
+                    half_scale, half_bias, half_slope, stream, dropout_p,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
@@ -254,7 +279,7 @@ if triton is not None:
                         MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
             dpT = tl.dot(v, tl.trans(do))
             if DROPOUT:  # dV takes the dropped weights; dP reaches S only through the kept ones
-                keep_scale = _dropout_scale(seed, bh, T, offs_m[None, :], offs_n[:, None], dropout_p)
+                keep_scale = _dropout_scale(stream, offs_m[None, :], offs_n[:, None], dropout_p)
                 dv = tl.dot((pT * keep_scale).to(do.dtype), do, dv)
                 dpT *= keep_scale
             else:
@@ -289,23 +314,22 @@ if triton is not None:
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         half_scale = 0.5 * scale
-        seed = tl.load(Seed) if DROPOUT else 0
         for h in range(hk * GROUP, hk * GROUP + GROUP):  # every query head that shares this k, v
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DO + b * stride_dob + h * stride_doh
             half_bias = 0.5 * tl.load(Bias + h)
             half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
             db = 0.0
-            bh = b * H + h  # the query head's (batch, head): the dropout mask's stream
+            stream = _dropout_stream(Seed, b * H + h) if DROPOUT else 0  # the query head's mask
             # causal: the queries below the diagonal block need no mask, the diagonal block does, none lie above
             dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
                                      start_n + BLOCK_N if CAUSAL else 0, T, T, half_scale, half_bias, half_slope,
-                                     seed, bh, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=False,
+                                     stream, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=False,
                                      HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT, FAST=FAST)
             if CAUSAL:
                 dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
                                          start_n, start_n + BLOCK_N, T, half_scale, half_bias, half_slope,
-                                         seed, bh, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=True,
+                                         stream, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=True,
                                          HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT, FAST=FAST)
             if BIAS_GRAD:  # one partial sum per (batch, head, key block); the launcher adds them
                 tl.store(DBias + (tl.program_id(0) * tl.num_programs(1) * GROUP) + b * H + h, db)
@@ -316,7 +340,7 @@ if triton is not None:
 
     @triton.jit
     def _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
-                  half_scale, half_bias, half_slope, seed, bh, dropout_p,
+                  half_scale, half_bias, half_slope, stream, dropout_p,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
@@ -330,7 +354,7 @@ if triton is not None:
                        MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
             dp = tl.dot(do, vT)
             if DROPOUT:
-                dp *= _dropout_scale(seed, bh, T, offs_m[:, None], offs_n[None, :], dropout_p)
+                dp *= _dropout_scale(stream, offs_m[:, None], offs_n[None, :], dropout_p)
             ds = p * (1.0 - p) * dp
             dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
         return dq
@@ -359,34 +383,19 @@ if triton is not None:
         half_scale = 0.5 * scale
         half_bias = 0.5 * tl.load(Bias + h)
         half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
-        seed = tl.load(Seed) if DROPOUT else 0
+        stream = _dropout_stream(Seed, bh) if DROPOUT else 0
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         # causal: the keys left of the diagonal block need no mask, the diagonal block does, none lie above it
         dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m if CAUSAL else T, T,
-                       half_scale, half_bias, half_slope, seed, bh, dropout_p, HEAD_DIM=HEAD_DIM,
+                       half_scale, half_bias, half_slope, stream, dropout_p, HEAD_DIM=HEAD_DIM,
                        BLOCK_N=BLOCK_N, MASK=False, HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
         if CAUSAL:
             dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
-                           tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, seed, bh,
+                           tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, stream,
                            dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True, HAS_ALIBI=HAS_ALIBI,
                            DROPOUT=DROPOUT, FAST=FAST)
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
-
-    @triton.jit
-    def _keep_mask_kernel(Seed, Keep, T, dropout_p, BLOCK: tl.constexpr):
-        bh = tl.program_id(0).to(tl.int64)
-        i = tl.program_id(1)  # query
-        j = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)  # keys
-        keep = _dropout_scale(tl.load(Seed), bh, T, i, j, dropout_p) > 0.0
-        tl.store(Keep + (bh * T + i) * T + j, keep.to(tl.int8), mask=j < T)
-
-
-def dropout_keep_mask(seed, B, H, T, dropout_p):
-    """The kernels' dropout mask for a (1,) int64 seed tensor: (B, H, T, T) bool, True = kept. For tests."""
-    keep = torch.empty((B, H, T, T), device=seed.device, dtype=torch.int8)
-    _keep_mask_kernel[(B * H, T, triton.cdiv(T, 64))](seed, keep, T, dropout_p, BLOCK=64)
-    return keep.bool()
 
 
 def _output_like(q):

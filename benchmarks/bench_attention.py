@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: flash_sigmoid.py, model.py
 import flash_sigmoid as fs  # noqa: E402
-from tests.attention_float64 import rel_err  # noqa: E402
+from tests.attention_float64 import dropout_keep_mask, rel_err  # noqa: E402
 
 torch._dynamo.config.cache_size_limit = 64  # the compiled reference recompiles for every shape
 
@@ -53,7 +53,7 @@ def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, dropout=0.0, f
     out = fs.flash_sigmoid(q, k, v, causal, bias, None, slopes, dropout, seed)
     grads = torch.autograd.grad(out, [q, k, v] + ([bias] if learnable else []), do)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
-    keep = fs.dropout_keep_mask(seed, B, H, T, dropout) if dropout else None
+    keep = dropout_keep_mask(seed, B, H, T, dropout).cuda() if dropout else None
     ref = fs.sigmoid_attention_reference(*ref_in[:3], causal, ref_in[3], None,
                                          None if slopes is None else slopes.double(), dropout, keep)
     ref_grads = torch.autograd.grad(ref, ref_in[:3] + (ref_in[3:] if learnable else []), do.double())

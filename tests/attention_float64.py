@@ -1,5 +1,6 @@
 """What flash_sigmoid's tests and benchmarks/bench_attention.py check the kernel against, written
-from the formulas alone: sigmoid attention in float64 and the relative error of a result."""
+from the formulas alone: sigmoid attention in float64, the kernel's dropout mask rewritten in plain
+torch, and the relative error of a result."""
 import math
 
 import torch
@@ -25,3 +26,31 @@ def sigmoid_attention_f64(q, k, v, causal, bias, alibi_slopes=None):
 def rel_err(a, b):
     """||a - b|| / ||b|| in float64."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+U32 = 0xFFFFFFFF  # the kernel's uint32 arithmetic, here on int64 tensors reduced modulo 2^32
+
+
+def _mul32(x, c):
+    """x * c mod 2^32, in two 16-bit halves of c so that no int64 product overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & U32
+
+
+def _mix32(x):
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_keep_mask(seed, B, H, T, dropout_p):
+    """flash_sigmoid's dropout mask for a (1,) int64 seed tensor, from its hash (_dropout_scale)
+    rewritten in torch: (B, H, T, T) bool on the CPU, True = kept."""
+    seed = int(seed.item())
+    key = _mix32(_mix32(torch.tensor(seed & U32)) ^ (seed >> 32))
+    stream = _mix32((key + torch.arange(B * H)) & U32).view(B, H, 1, 1)  # one per (batch, head)
+    row = _mix32(stream ^ torch.arange(T).view(T, 1))  # (B, H, T, 1): per query
+    x = (row + _mul32(torch.arange(T).view(1, T), 0x9E3779B9)) & U32  # (B, H, T, T): plus a step per key
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    threshold = int(torch.tensor(dropout_p, dtype=torch.float32).item() * 2**32)  # the kernel's fp32 p
+    return x >= threshold

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import torch
 
 import flash_sigmoid as fs
-from tests.attention_float64 import rel_err, sigmoid_attention_f64
+from tests.attention_float64 import dropout_keep_mask, rel_err, sigmoid_attention_f64
 
 pytestmark = pytest.mark.skipif(not fs.INTERPRET and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a GPU")
@@ -179,7 +179,7 @@ def test_dropout_forward_and_gradients_match_float64_with_the_kernels_mask(B, H,
     out = fs.flash_sigmoid(*leaves, causal=causal, sigmoid_bias=bias_arg, dropout_p=p, dropout_seed=seed)
     do = torch.randn_like(out)
     out.backward(do)
-    keep = fs.dropout_keep_mask(seed, B, H, T, p).cpu()
+    keep = dropout_keep_mask(seed, B, H, T, p)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.03  # 1 - p of the weights kept
     ref_leaves = [t.double().cpu().requires_grad_() for t in (q, k, v)]
     ref_bias = bias.double().cpu().requires_grad_()
@@ -190,6 +190,32 @@ def test_dropout_forward_and_gradients_match_float64_with_the_kernels_mask(B, H,
     assert rel_err(out.cpu(), ref) < tol
     for got, want in zip(leaves + [bias_arg], ref_leaves + [ref_bias]):
         assert rel_err(got.grad.cpu(), want.grad) < tol
+
+
+def test_kernel_draws_the_dropout_mask_its_torch_rewrite_draws():
+    """With V = I (T = D) the output is the dropped weight matrix itself, so the kernel's mask reads
+    off as its nonzero entries (a sigmoid is never 0), and must equal the torch rewrite's, exactly."""
+    B, H, T, p = 2, 4, 64, 0.25
+    q, k, _ = make_inputs(B, H, H, T, T, torch.float32, 43)
+    v = torch.eye(T, device=DEVICE).expand(B, H, T, T)
+    seed = torch.tensor([2**40 + 99], device=DEVICE)
+    out = fs.flash_sigmoid(q, k, v, causal=False, dropout_p=p, dropout_seed=seed)
+    assert torch.equal(out.cpu() != 0, dropout_keep_mask(seed, B, H, T, p))
+
+
+def test_dropout_mask_drops_p_and_differs_by_seed_head_and_position():
+    B, H, T = 2, 4, 256  # 2^19 weights
+    for p in (0.1, 0.5, 0.9):
+        keep = dropout_keep_mask(torch.tensor([1234]), B, H, T, p).float()
+        assert abs(keep.mean().item() - (1 - p)) < 0.004  # 4 standard deviations at most
+    keep = dropout_keep_mask(torch.tensor([5]), B, H, T, 0.5).float()
+    heads = keep.view(B * H, -1)
+    agree = heads @ heads.T + (1 - heads) @ (1 - heads).T  # weights on which two heads agree
+    assert (agree / T**2 - torch.eye(B * H)).abs().max() < 0.51  # about half, off the diagonal
+    for other_seed in (6, 5 + 2**32):  # the seed's high 32 bits count too
+        assert (dropout_keep_mask(torch.tensor([other_seed]), B, H, T, 0.5).float() == keep).float().mean() < 0.51
+    right, below = (keep[..., :, 1:] == keep[..., :, :-1]), (keep[..., 1:, :] == keep[..., :-1, :])
+    assert abs(right.float().mean() - 0.5) < 0.005 and abs(below.float().mean() - 0.5) < 0.005  # neighbours independent
 
 
 def test_dropout_mask_follows_the_seed():
