@@ -9,8 +9,11 @@ each score becomes P = sigmoid(x) independently, through one hardware tanh
 
 Backward recomputes P from Q and K:
     dV = P^T dO     dP = dO V^T     dS = P * (1 - P) * dP     dQ = scale dS K     dK = scale dS^T Q
-Two kernels, no atomics: one program per key block accumulates dK and dV (over every query head
-of its group, for grouped-query attention), one program per query block accumulates dQ.
+One program per key block accumulates dK and dV (over every query head of its group, for
+grouped-query attention) and adds its share of dQ into an fp32 buffer with atomic adds: 5 matmuls
+per tile (S, dP, dV, dK, dQ). Atomic adds land in any order, so dQ's last bits vary from run to run;
+under torch.use_deterministic_algorithms(True) a second kernel, one program per query block,
+recomputes P and accumulates dQ in a fixed order instead (7 matmuls per tile).
 
 Attention dropout (training, as SDPA's dropout_p): P_drop = P * keep / (1 - p) with keep drawn by
 an integer hash of (seed, batch*head, query, key), so the backward regenerates the forward's mask; then
@@ -264,10 +267,10 @@ if triton is not None:
                  acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
 
     @triton.jit
-    def _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n, lo, hi, T,
-                    half_scale, half_bias, half_slope, stream, dropout_p,
+    def _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_n, lo, hi, T,
+                    scale, half_scale, half_bias, half_slope, stream, dropout_p,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
+                    BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr, FUSE_DQ: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -286,21 +289,29 @@ if triton is not None:
                 dv = tl.dot(pT.to(do.dtype), do, dv)
             dsT = pT * (1.0 - pT) * dpT  # sigmoid' = P (1 - P)
             dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+            if FUSE_DQ:  # this key block's share of dQ = scale dS K, added into fp32 rows other programs add to
+                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k) * scale  # (BLOCK_M, HEAD_DIM)
+                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=in_seq[:, None],
+                              sem="relaxed")
             if BIAS_GRAD:
                 db += tl.sum(tl.sum(dsT, axis=1), axis=0)
         return dk, dv, db
 
-    # every candidate writes its own number of key-block rows of DBias: zero it before each try
-    @triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY, reset_to_zero=["DBias"])
+    # every candidate writes its own number of key-block rows of DBias, and adds into DQacc: zero
+    # both before each try
+    @triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY + ["FUSE_DQ"], reset_to_zero=["DBias", "DQacc"])
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Bias, Slopes, Seed, DBias,
+    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQacc, Bias, Slopes, Seed, DBias,
                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                         stride_dqb, stride_dqh, stride_dqt,
                          H, GROUP, T, scale, dropout_p,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                         DROPOUT: tl.constexpr, FAST: tl.constexpr):
+                         DROPOUT: tl.constexpr, FAST: tl.constexpr, FUSE_DQ: tl.constexpr):
+        """dK and dV of one key block (and with FUSE_DQ, its atomic share of dQ), over every query
+        head of its group."""
         H_kv = H // GROUP
         start_n = tl.program_id(0) * BLOCK_N
         bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D may pass 2^31
@@ -317,20 +328,23 @@ if triton is not None:
         for h in range(hk * GROUP, hk * GROUP + GROUP):  # every query head that shares this k, v
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DO + b * stride_dob + h * stride_doh
+            dq_base = DQacc + b * stride_dqb + h * stride_dqh
             half_bias = 0.5 * tl.load(Bias + h)
             half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
             db = 0.0
             stream = _dropout_stream(Seed, b * H + h) if DROPOUT else 0  # the query head's mask
             # causal: the queries below the diagonal block need no mask, the diagonal block does, none lie above
-            dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
-                                     start_n + BLOCK_N if CAUSAL else 0, T, T, half_scale, half_bias, half_slope,
-                                     stream, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=False,
-                                     HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT, FAST=FAST)
+            dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt,
+                                     offs_n, start_n + BLOCK_N if CAUSAL else 0, T, T, scale, half_scale, half_bias,
+                                     half_slope, stream, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=False,
+                                     HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT, FAST=FAST,
+                                     FUSE_DQ=FUSE_DQ)
             if CAUSAL:
-                dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
-                                         start_n, start_n + BLOCK_N, T, half_scale, half_bias, half_slope,
-                                         stream, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=True,
-                                         HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT, FAST=FAST)
+                dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot,
+                                         stride_dqt, offs_n, start_n, start_n + BLOCK_N, T, scale, half_scale,
+                                         half_bias, half_slope, stream, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                         MASK=True, HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT,
+                                         FAST=FAST, FUSE_DQ=FUSE_DQ)
             if BIAS_GRAD:  # one partial sum per (batch, head, key block); the launcher adds them
                 tl.store(DBias + (tl.program_id(0) * tl.num_programs(1) * GROUP) + b * H + h, db)
         tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -440,6 +454,9 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     softmax's derivative couples a row: dS = P * (dP - Delta). Sigmoid's derivative is elementwise,
     sigmoid' = P (1 - P), so dS = P (1 - P) dP needs only the score's own P and dP: nothing is saved
     from the forward but its inputs, and no pass over O runs first.
+
+    dQ: added atomically by the dK/dV kernel (5 matmuls, last bits not reproducible), or, when
+    torch.are_deterministic_algorithms_enabled(), by its own kernel in a fixed order (7 matmuls).
     """
     B, H, T, D = q.shape
     H_kv = k.shape[1]
@@ -451,14 +468,20 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     # without bias_grad an unwritten placeholder: no fill kernel to launch (host time counts at short T)
     dbias_partial = (torch.zeros if bias_grad else torch.empty)(
         (triton.cdiv(T, 16), B, H) if bias_grad else (1,), device=q.device, dtype=torch.float32)
+    fuse_dq = not torch.are_deterministic_algorithms_enabled()
+    dq_acc = torch.zeros((B, H, T, D) if fuse_dq else (1, 1, 1), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)
-    _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, bias, slopes, seed, dbias_partial,
+    _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, dq_acc, bias, slopes, seed, dbias_partial,
                            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-                           H, H // H_kv, T, scale, dropout_p, BIAS_GRAD=bias_grad, **common)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    _bwd_dq_kernel[grid](q, k, v, do, dq, bias, slopes, seed,
-                         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-                         H, H // H_kv, T, scale, dropout_p, **common)
+                           *_strides(dq_acc), H, H // H_kv, T, scale, dropout_p, BIAS_GRAD=bias_grad,
+                           FUSE_DQ=fuse_dq, **common)
+    if fuse_dq:
+        dq.copy_(dq_acc)
+    else:
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+        _bwd_dq_kernel[grid](q, k, v, do, dq, bias, slopes, seed,
+                             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+                             H, H // H_kv, T, scale, dropout_p, **common)
     dbias = dbias_partial.sum(dim=(0, 1)) if bias_grad else torch.empty_like(bias)  # unused: autograd gets None
     return dq, dk, dv, dbias
 

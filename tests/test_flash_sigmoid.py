@@ -34,6 +34,29 @@ def poisoned_outputs():
         yield
 
 
+@pytest.fixture(params=["fused dq", "deterministic"])
+def backward_path(request):
+    """Both backwards: dQ added atomically by the dK/dV kernel, and (under torch's deterministic
+    mode) dQ from its own kernel."""
+    deterministic = request.param == "deterministic"
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    yield request.param
+    torch.use_deterministic_algorithms(before)
+
+
+def test_deterministic_mode_chooses_the_dq_kernel(monkeypatch):
+    launches = []
+    kernel = fs._bwd_dq_kernel
+    monkeypatch.setattr(fs, "_bwd_dq_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    q, k, v = (t.requires_grad_() for t in make_inputs(1, 2, 2, 20, 16, torch.float32, 3))
+    fused = torch.autograd.grad(fs.flash_sigmoid(q, k, v).sum(), q)[0]
+    assert not launches
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert rel_err(torch.autograd.grad(fs.flash_sigmoid(q, k, v).sum(), q)[0], fused) < 1e-6 and len(launches) == 1
+
+
 CASES = [  # B, H, H_kv, T, D, causal, dtype, alibi, learnable bias
     (2, 4, 4, 37, 16, True, torch.float32, False, False),
     (1, 4, 2, 50, 32, False, torch.float32, True, True),
@@ -41,11 +64,13 @@ CASES = [  # B, H, H_kv, T, D, causal, dtype, alibi, learnable bias
     (1, 2, 2, 45, 128, False, torch.float32, False, False),
     (1, 4, 1, 64, 32, True, torch.float16, False, True),
     (2, 2, 2, 17, 64, False, torch.float16, False, False),
+    (1, 2, 1, 1, 128, True, torch.float32, True, True),
+    (1, 4, 2, 100, 64, True, torch.float16, True, True),
 ]
 
 
 @pytest.mark.parametrize("B,H,H_kv,T,D,causal,dtype,alibi,learnable", CASES)
-def test_forward_and_gradients_match_float64(B, H, H_kv, T, D, causal, dtype, alibi, learnable):
+def test_forward_and_gradients_match_float64(B, H, H_kv, T, D, causal, dtype, alibi, learnable, backward_path):
     seed = hash((B, H, H_kv, T, D, causal)) % 10_000
     q, k, v = make_inputs(B, H, H_kv, T, D, dtype, seed)
     bias = torch.linspace(-math.log(T), 1.0, H, device=DEVICE)  # several bias values, one per head
@@ -170,7 +195,8 @@ def test_bias_gradient_is_right_on_the_first_call_while_autotuning(monkeypatch):
 
 @pytest.mark.parametrize("B,H,H_kv,T,D,causal,dtype", [(2, 4, 2, 37, 16, True, torch.float32),
                                                       (1, 2, 2, 45, 32, False, torch.float16)])
-def test_dropout_forward_and_gradients_match_float64_with_the_kernels_mask(B, H, H_kv, T, D, causal, dtype):
+def test_dropout_forward_and_gradients_match_float64_with_the_kernels_mask(B, H, H_kv, T, D, causal, dtype,
+                                                                           backward_path):
     q, k, v = make_inputs(B, H, H_kv, T, D, dtype, 31)
     bias = torch.linspace(-3.0, 1.0, H, device=DEVICE)
     seed, p = torch.tensor([2**40 + 12345], device=DEVICE), 0.3
