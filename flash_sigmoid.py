@@ -155,7 +155,10 @@ if triton is not None:
         shapes = [interpreter_shape] if INTERPRET else gpu_shapes
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
-    FWD_CONFIGS = _configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3)], (32, 16, 4, 1))
+    # 128x128 and 128x64 on 8 warps with deeper pipelines: candidates for D=128 on Hopper, where
+    # a wider tile per program feeds the tensor cores better; no spills on sm_90 (kernel_resources.py)
+    FWD_CONFIGS = _configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+                            (128, 64, 8, 4), (128, 128, 8, 3)], (32, 16, 4, 1))
     # with dQ fused in, the 4-warp dK/dV tiles spill at D=128 (benchmarks/kernel_resources.py); the
     # 8-warp 32x64 and 64x64 tiles do not
     DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 3),
