@@ -475,7 +475,8 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     dbias_partial = (torch.zeros if bias_grad else torch.empty)(
         (triton.cdiv(T, 16), B, H) if bias_grad else (1,), device=q.device, dtype=torch.float32)
     fuse_dq = not torch.are_deterministic_algorithms_enabled()
-    dq_acc = torch.zeros((B, H, T, D) if fuse_dq else (1, 1, 1), device=q.device, dtype=torch.float32)
+    dq_acc = (torch.zeros if fuse_dq else torch.empty)(  # without fuse_dq an unwritten placeholder
+        (B, H, T, D) if fuse_dq else (1, 1, 1), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)
     _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, dq_acc, bias, slopes, seed, dbias_partial,
                            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
