@@ -9,11 +9,14 @@ each score becomes P = sigmoid(x) independently, through one hardware tanh
 
 Backward recomputes P from Q and K:
     dV = P^T dO     dP = dO V^T     dS = P * (1 - P) * dP     dQ = scale dS K     dK = scale dS^T Q
-Two kernels, no atomics: one program per key block accumulates dK and dV (over every query head
-of its group, for grouped-query attention), one program per query block accumulates dQ.
+One program per key block accumulates dK and dV (over every query head of its group, for
+grouped-query attention) and adds its share of dQ into an fp32 buffer with atomic adds: 5 matmuls
+per tile (S, dP, dV, dK, dQ). Atomic adds land in any order, so dQ's last bits vary from run to run;
+under torch.use_deterministic_algorithms(True) a second kernel, one program per query block,
+recomputes P and accumulates dQ in a fixed order instead (7 matmuls per tile).
 
 Attention dropout (training, as SDPA's dropout_p): P_drop = P * keep / (1 - p) with keep drawn by
-Philox from (seed, batch*head, query, key), so the backward regenerates the forward's mask; then
+an integer hash of (seed, batch*head, query, key), so the backward regenerates the forward's mask; then
 O = P_drop V, dV = P_drop^T dO, dS = P (1 - P) * (dO V^T) * keep / (1 - p).
 
 Layout: q (B, H, T, D), k and v (B, H_kv, T, D) with H a multiple of H_kv, last dim contiguous
@@ -77,11 +80,6 @@ def sigmoid_attention_reference(q, k, v, causal=True, sigmoid_bias=None, scale=N
 
 def kernel_available():
     return triton is not None and (torch.cuda.is_available() or INTERPRET)
-
-
-def can_use_kernel(q):
-    """True when flash_sigmoid can run on this tensor (device and head dim)."""
-    return triton is not None and (q.is_cuda or INTERPRET) and q.shape[-1] in SUPPORTED_HEAD_DIMS
 
 
 def flash_sigmoid(q, k, v, causal=True, sigmoid_bias=None, scale=None, alibi_slopes=None, dropout_p=0.0,
@@ -157,8 +155,14 @@ if triton is not None:
         shapes = [interpreter_shape] if INTERPRET else gpu_shapes
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
-    FWD_CONFIGS = _configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3)], (32, 16, 4, 1))
-    DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 3)], (16, 32, 4, 1))
+    # 128x128 and 128x64 on 8 warps with deeper pipelines: candidates for D=128 on Hopper, where
+    # a wider tile per program feeds the tensor cores better; no spills on sm_90 (kernel_resources.py)
+    FWD_CONFIGS = _configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+                            (128, 64, 8, 4), (128, 128, 8, 3)], (32, 16, 4, 1))
+    # with dQ fused in, the 4-warp dK/dV tiles spill at D=128 (benchmarks/kernel_resources.py); the
+    # 8-warp 32x64 and 64x64 tiles do not
+    DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 3),
+                             (32, 64, 8, 3), (64, 64, 8, 2)], (16, 32, 4, 1))
     DQ_CONFIGS = _configs([(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)], (32, 16, 4, 1))
     TUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "HAS_ALIBI", "DROPOUT", "FAST"]
 
@@ -182,16 +186,41 @@ if triton is not None:
             p = tl.where(qpos >= kpos, p, 0.0)
         return p
 
+    # Dropout mask: an integer hash per score instead of Philox. tl.rand runs Philox4x32-10 for each
+    # score (10 rounds of 2 mul.hi + 2 mul.lo + 4 xor/add: ~100 integer ops, 3 of its 4 words unused),
+    # 4-8x the kernel's time. Below, per score: an add, two xorshift-multiply rounds and a compare,
+    # 8 integer ops; the per-query and per-key parts are hashed on the (M, 1) and (1, N) vectors.
     @triton.jit
-    def _dropout_scale(seed, bh, T, qpos, kpos, dropout_p):
+    def _mix32(x):
+        """Wellons' lowbias32: a bijection of uint32 whose output bits each flip with about half the input bits."""
+        x = (x ^ (x >> 16)) * 0x7FEB352D
+        x = (x ^ (x >> 15)) * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _dropout_stream(Seed, bh):
+        """The mask's key for one (batch, head): a hash of the 64-bit seed and batch*head."""
+        seed = tl.load(Seed)
+        key = _mix32(_mix32(seed.to(tl.uint32)) ^ (seed >> 32).to(tl.uint32))
+        return _mix32(key + bh.to(tl.uint32))  # a bijection: distinct heads, distinct streams
+
+    @triton.jit
+    def _dropout_scale(stream, qpos, kpos, dropout_p):
         """1 / (1 - p) where the weight of (query, key) is kept, 0 where dropped: a function of (seed,
-        batch*head, query, key) alone, so the forward and both backward kernels draw the same mask."""
-        keep = tl.rand(seed, (bh * T + qpos) * T + kpos) >= dropout_p  # 64-bit offsets: B*H*T*T may pass 2^32
+        batch*head, query, key) alone, so the forward and both backward kernels draw the same mask,
+        whichever way their tiles are transposed. tests/attention_float64.py rewrites it in torch."""
+        row = _mix32(stream ^ qpos.to(tl.uint32))  # per query
+        x = row + kpos.to(tl.uint32) * 0x9E3779B9  # per key: a golden-ratio (Weyl) step
+        # per score: lowbias32 without its last xorshift, which only moves high bits down: the keep
+        # test reads x as a number, decided by its high bits
+        x = (x ^ (x >> 16)) * 0x7FEB352D
+        x = (x ^ (x >> 15)) * 0x846CA68B
+        keep = x >= tl.cast(dropout_p * 4294967296.0, tl.uint32)  # P(keep) = 1 - p to within 2^-32
         return tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
 
     @triton.jit
     def _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
-                   half_scale, half_bias, half_slope, seed, bh, dropout_p,
+                   half_scale, half_bias, half_slope, stream, dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
@@ -202,9 +231,9 @@ if triton is not None:
             v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
             s = tl.dot(q, kT)  # (BLOCK_M, BLOCK_N)
             p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope,
-                       MASK, HAS_ALIBI, FAST)
+                       MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
             if DROPOUT:
-                p *= _dropout_scale(seed, bh, T, offs_m[:, None], offs_n[None, :], dropout_p)
+                p *= _dropout_scale(stream, offs_m[:, None], offs_n[None, :], dropout_p)
             acc = tl.dot(p.to(v.dtype), v, acc)
         return acc
 
@@ -229,27 +258,25 @@ if triton is not None:
         half_scale = 0.5 * scale
         half_bias = 0.5 * tl.load(Bias + h)
         half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
-        seed = tl.load(Seed) if DROPOUT else 0
+        stream = _dropout_stream(Seed, bh) if DROPOUT else 0
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        if CAUSAL:  # blocks left of the diagonal unmasked, the diagonal block masked, none above it
-            acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m, T,
-                             half_scale, half_bias, half_slope, seed, bh, dropout_p,
-                             HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
+        # causal: the keys left of the diagonal block need no mask, the diagonal block does, none lie above it
+        acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m if CAUSAL else T, T,
+                         half_scale, half_bias, half_slope, stream, dropout_p, HEAD_DIM=HEAD_DIM,
+                         BLOCK_N=BLOCK_N, MASK=False, HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
+        if CAUSAL:
             acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
-                             tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, seed, bh,
-                             dropout_p, HEAD_DIM, BLOCK_N, True, HAS_ALIBI, DROPOUT, FAST)
-        else:
-            acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, T, T,
-                             half_scale, half_bias, half_slope, seed, bh, dropout_p,
-                             HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
+                             tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, stream,
+                             dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True, HAS_ALIBI=HAS_ALIBI,
+                             DROPOUT=DROPOUT, FAST=FAST)
         tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
                  acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
 
     @triton.jit
-    def _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n, lo, hi, T,
-                    half_scale, half_bias, half_slope, seed, bh, dropout_p,
+    def _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_n, lo, hi, T,
+                    scale, half_scale, half_bias, half_slope, stream, dropout_p,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
+                    BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr, FUSE_DQ: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -258,31 +285,39 @@ if triton is not None:
             do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=in_seq[:, None], other=0.0)
             sT = tl.dot(k, qT)  # (BLOCK_N, BLOCK_M): scores transposed
             pT = _probs(sT, offs_m[None, :], offs_n[:, None], half_scale, half_bias, half_slope,
-                        MASK, HAS_ALIBI, FAST)
+                        MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
             dpT = tl.dot(v, tl.trans(do))
             if DROPOUT:  # dV takes the dropped weights; dP reaches S only through the kept ones
-                keep_scale = _dropout_scale(seed, bh, T, offs_m[None, :], offs_n[:, None], dropout_p)
+                keep_scale = _dropout_scale(stream, offs_m[None, :], offs_n[:, None], dropout_p)
                 dv = tl.dot((pT * keep_scale).to(do.dtype), do, dv)
                 dpT *= keep_scale
             else:
                 dv = tl.dot(pT.to(do.dtype), do, dv)
             dsT = pT * (1.0 - pT) * dpT  # sigmoid' = P (1 - P)
             dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+            if FUSE_DQ:  # this key block's share of dQ = scale dS K, added into fp32 rows other programs add to
+                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k) * scale  # (BLOCK_M, HEAD_DIM)
+                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=in_seq[:, None],
+                              sem="relaxed")
             if BIAS_GRAD:
                 db += tl.sum(tl.sum(dsT, axis=1), axis=0)
         return dk, dv, db
 
-    # every candidate writes its own number of key-block rows of DBias: zero it before each try
-    @triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY, reset_to_zero=["DBias"])
+    # every candidate writes its own number of key-block rows of DBias, and adds into DQacc: zero
+    # both before each try
+    @triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY + ["FUSE_DQ"], reset_to_zero=["DBias", "DQacc"])
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Bias, Slopes, Seed, DBias,
+    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQacc, Bias, Slopes, Seed, DBias,
                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                         stride_dqb, stride_dqh, stride_dqt,
                          H, GROUP, T, scale, dropout_p,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                         DROPOUT: tl.constexpr, FAST: tl.constexpr):
+                         DROPOUT: tl.constexpr, FAST: tl.constexpr, FUSE_DQ: tl.constexpr):
+        """dK and dV of one key block (and with FUSE_DQ, its atomic share of dQ), over every query
+        head of its group."""
         H_kv = H // GROUP
         start_n = tl.program_id(0) * BLOCK_N
         bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D may pass 2^31
@@ -296,25 +331,26 @@ if triton is not None:
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         half_scale = 0.5 * scale
-        seed = tl.load(Seed) if DROPOUT else 0
         for h in range(hk * GROUP, hk * GROUP + GROUP):  # every query head that shares this k, v
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DO + b * stride_dob + h * stride_doh
+            dq_base = DQacc + b * stride_dqb + h * stride_dqh
             half_bias = 0.5 * tl.load(Bias + h)
             half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
             db = 0.0
-            bh = b * H + h  # the query head's (batch, head): the dropout mask's stream
-            if CAUSAL:  # the diagonal block masked, the queries below it unmasked, none above
-                dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
-                                         start_n, start_n + BLOCK_N, T, half_scale, half_bias, half_slope, seed, bh,
-                                         dropout_p, HEAD_DIM, BLOCK_M, True, HAS_ALIBI, BIAS_GRAD, DROPOUT, FAST)
-                dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
-                                         start_n + BLOCK_N, T, T, half_scale, half_bias, half_slope, seed, bh,
-                                         dropout_p, HEAD_DIM, BLOCK_M, False, HAS_ALIBI, BIAS_GRAD, DROPOUT, FAST)
-            else:
-                dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, stride_qt, stride_dot, offs_n,
-                                         0, T, T, half_scale, half_bias, half_slope, seed, bh, dropout_p,
-                                         HEAD_DIM, BLOCK_M, False, HAS_ALIBI, BIAS_GRAD, DROPOUT, FAST)
+            stream = _dropout_stream(Seed, b * H + h) if DROPOUT else 0  # the query head's mask
+            # causal: the queries below the diagonal block need no mask, the diagonal block does, none lie above
+            dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt,
+                                     offs_n, start_n + BLOCK_N if CAUSAL else 0, T, T, scale, half_scale, half_bias,
+                                     half_slope, stream, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=False,
+                                     HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT, FAST=FAST,
+                                     FUSE_DQ=FUSE_DQ)
+            if CAUSAL:
+                dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot,
+                                         stride_dqt, offs_n, start_n, start_n + BLOCK_N, T, scale, half_scale,
+                                         half_bias, half_slope, stream, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                         MASK=True, HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT,
+                                         FAST=FAST, FUSE_DQ=FUSE_DQ)
             if BIAS_GRAD:  # one partial sum per (batch, head, key block); the launcher adds them
                 tl.store(DBias + (tl.program_id(0) * tl.num_programs(1) * GROUP) + b * H + h, db)
         tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -324,7 +360,7 @@ if triton is not None:
 
     @triton.jit
     def _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
-                  half_scale, half_bias, half_slope, seed, bh, dropout_p,
+                  half_scale, half_bias, half_slope, stream, dropout_p,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
@@ -335,10 +371,10 @@ if triton is not None:
             vT = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
             s = tl.dot(q, kT)
             p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope,
-                       MASK, HAS_ALIBI, FAST)
+                       MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
             dp = tl.dot(do, vT)
             if DROPOUT:
-                dp *= _dropout_scale(seed, bh, T, offs_m[:, None], offs_n[None, :], dropout_p)
+                dp *= _dropout_scale(stream, offs_m[:, None], offs_n[None, :], dropout_p)
             ds = p * (1.0 - p) * dp
             dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
         return dq
@@ -367,36 +403,19 @@ if triton is not None:
         half_scale = 0.5 * scale
         half_bias = 0.5 * tl.load(Bias + h)
         half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
-        seed = tl.load(Seed) if DROPOUT else 0
+        stream = _dropout_stream(Seed, bh) if DROPOUT else 0
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # causal: the keys left of the diagonal block need no mask, the diagonal block does, none lie above it
+        dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m if CAUSAL else T, T,
+                       half_scale, half_bias, half_slope, stream, dropout_p, HEAD_DIM=HEAD_DIM,
+                       BLOCK_N=BLOCK_N, MASK=False, HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
         if CAUSAL:
-            dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m, T,
-                           half_scale, half_bias, half_slope, seed, bh, dropout_p,
-                           HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
             dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
-                           tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, seed, bh,
-                           dropout_p, HEAD_DIM, BLOCK_N, True, HAS_ALIBI, DROPOUT, FAST)
-        else:
-            dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, T, T,
-                           half_scale, half_bias, half_slope, seed, bh, dropout_p,
-                           HEAD_DIM, BLOCK_N, False, HAS_ALIBI, DROPOUT, FAST)
+                           tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, stream,
+                           dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True, HAS_ALIBI=HAS_ALIBI,
+                           DROPOUT=DROPOUT, FAST=FAST)
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
-
-    @triton.jit
-    def _keep_mask_kernel(Seed, Keep, T, dropout_p, BLOCK: tl.constexpr):
-        bh = tl.program_id(0).to(tl.int64)
-        i = tl.program_id(1)  # query
-        j = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)  # keys
-        keep = _dropout_scale(tl.load(Seed), bh, T, i, j, dropout_p) > 0.0
-        tl.store(Keep + (bh * T + i) * T + j, keep.to(tl.int8), mask=j < T)
-
-
-def dropout_keep_mask(seed, B, H, T, dropout_p):
-    """The kernels' dropout mask for a (1,) int64 seed tensor: (B, H, T, T) bool, True = kept. For tests."""
-    keep = torch.empty((B, H, T, T), device=seed.device, dtype=torch.int8)
-    _keep_mask_kernel[(B * H, T, triton.cdiv(T, 64))](seed, keep, T, dropout_p, BLOCK=64)
-    return keep.bool()
 
 
 def _output_like(q):
@@ -434,6 +453,17 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optio
 def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optional[Tensor],
                      seed: Optional[Tensor], dropout_p: float, causal: bool, scale: float,
                      bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv and d bias from dO, recomputing P = sigmoid(S) tile by tile from Q and K.
+
+    What this backward does not need, and why: FlashAttention saves each row's log-sum-exp from its
+    forward to rebuild P, and runs a preprocessing kernel for Delta_i = rowsum(dO_i * O_i), because
+    softmax's derivative couples a row: dS = P * (dP - Delta). Sigmoid's derivative is elementwise,
+    sigmoid' = P (1 - P), so dS = P (1 - P) dP needs only the score's own P and dP: nothing is saved
+    from the forward but its inputs, and no pass over O runs first.
+
+    dQ: added atomically by the dK/dV kernel (5 matmuls, last bits not reproducible), or, when
+    torch.are_deterministic_algorithms_enabled(), by its own kernel in a fixed order (7 matmuls).
+    """
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
@@ -444,14 +474,21 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     # without bias_grad an unwritten placeholder: no fill kernel to launch (host time counts at short T)
     dbias_partial = (torch.zeros if bias_grad else torch.empty)(
         (triton.cdiv(T, 16), B, H) if bias_grad else (1,), device=q.device, dtype=torch.float32)
+    fuse_dq = not torch.are_deterministic_algorithms_enabled()
+    dq_acc = (torch.zeros if fuse_dq else torch.empty)(  # without fuse_dq an unwritten placeholder
+        (B, H, T, D) if fuse_dq else (1, 1, 1), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)
-    _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, bias, slopes, seed, dbias_partial,
+    _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, dq_acc, bias, slopes, seed, dbias_partial,
                            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-                           H, H // H_kv, T, scale, dropout_p, BIAS_GRAD=bias_grad, **common)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    _bwd_dq_kernel[grid](q, k, v, do, dq, bias, slopes, seed,
-                         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-                         H, H // H_kv, T, scale, dropout_p, **common)
+                           *_strides(dq_acc), H, H // H_kv, T, scale, dropout_p, BIAS_GRAD=bias_grad,
+                           FUSE_DQ=fuse_dq, **common)
+    if fuse_dq:
+        dq.copy_(dq_acc)
+    else:
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+        _bwd_dq_kernel[grid](q, k, v, do, dq, bias, slopes, seed,
+                             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+                             H, H // H_kv, T, scale, dropout_p, **common)
     dbias = dbias_partial.sum(dim=(0, 1)) if bias_grad else torch.empty_like(bias)  # unused: autograd gets None
     return dq, dk, dv, dbias
 
@@ -474,9 +511,9 @@ def _backward_through(launch_backward):
 
 
 class _FlashSigmoid(torch.autograd.Function):
-    """Eager mode: the launchers under a plain autograd.Function. Its host work for a forward and
-    backward is about a third of the custom op's (71 against 231 us on a 2-core CPU, launches left
-    out), which matters at short T, where the GPU part is tens of microseconds."""
+    """Eager mode: the launchers under a plain autograd.Function, whose host work per call is well
+    below the custom op's (results/ has the numbers); that matters at short T, where the GPU part
+    takes tens of microseconds."""
 
     @staticmethod
     def forward(ctx, *inputs):

@@ -2,11 +2,6 @@
 import dataclasses
 import itertools
 import math
-import os
-
-# before flash_sigmoid is first imported, whichever test file pytest collects first: the Triton
-# kernel then runs on the CPU through the interpreter (test_flash_sigmoid.py needs it too)
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -1,18 +1,19 @@
 """Check flash_sigmoid against float64 on the GPU, then time it beside its peers in one process.
 
-    python benchmarks/bench_attention.py                  # check, then the full table
-    python benchmarks/bench_attention.py --check-only     # correctness only
-    python benchmarks/bench_attention.py --out results/attention_h100.md
-    python benchmarks/bench_attention.py --no-check --cuda-graphs --seq-lens 1024 2048   # GPU time only, no host work
+    git show HEAD~1:flash_sigmoid.py > /tmp/parent.py
+    python benchmarks/bench_attention.py --baseline /tmp/parent.py   # check, then the table (printed last)
+    python benchmarks/bench_attention.py --check-only     # correctness only: both backwards, dropout, GQA
+    python benchmarks/bench_attention.py --no-check --baseline /tmp/parent.py --out results/table.md
+    python benchmarks/bench_attention.py --no-check --cuda-graphs --seq-lens 1024   # GPU time only, no host work
     python benchmarks/bench_attention.py --sweep          # each kernel's candidate block shapes, one at a time
-    git show HEAD~1:flash_sigmoid.py > /tmp/old.py && python benchmarks/bench_attention.py --baseline /tmp/old.py
 
-Peers: the PyTorch reference (eager and torch.compile'd, only up to --ref-max-t: it holds the
-(T, T) scores), SDPA softmax with the flash (FlashAttention-2) and cuDNN backends, and the PyPI
-package triton-sigmoid when it is installed; --baseline adds another copy of flash_sigmoid.py
-(an older commit's, say) as the peer "baseline", so a kernel change is timed against its parent in
-one run. bf16, B*T = 16k tokens, 16 heads. FLOPs count 4*B*H*T*T*D for the forward (half when
-causal) and 2.5x that for the backward.
+Peers (--impls): SDPA softmax with the cuDNN and flash (FlashAttention-2) backends, the PyPI package
+triton-sigmoid when it is installed (no dropout), and with --baseline another copy of
+flash_sigmoid.py (an older commit's, say) as the peer "baseline", so a kernel change is timed
+against its parent in one run; on request the PyTorch reference (eager and torch.compile'd, up to
+--ref-max-t: it holds the (T, T) scores) and flash_sigmoid with the exact sigmoid. bf16, B*T = 16k
+tokens, 16 heads, attention dropout 0 and 0.1 (each peer applying its own). FLOPs count
+4*B*H*T*T*D for the forward (half when causal) and 2.5x that for the backward.
 """
 import argparse
 import datetime
@@ -28,12 +29,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: flash_sigmoid.py, model.py
 import flash_sigmoid as fs  # noqa: E402
+from tests.attention_float64 import dropout_keep_mask, rel_err  # noqa: E402
 
 torch._dynamo.config.cache_size_limit = 64  # the compiled reference recompiles for every shape
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def poison_cache():
@@ -42,9 +40,10 @@ def poison_cache():
     torch.cuda.synchronize()
 
 
-def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, dropout=0.0, fast=True):
+def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, dropout=0.0, fast=True, deterministic=False):
     """Max relative error of out, dq, dk, dv (and d bias) against the reference run in float64
-    (with dropout: the reference applies the kernel's own mask)."""
+    (with dropout: the reference applies the kernel's own mask, rewritten in torch). deterministic:
+    the backward under torch.use_deterministic_algorithms (dQ from its own kernel, not atomics)."""
     fs.FAST_SIGMOID = fast
     q = torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (torch.randn(B, H_kv, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
@@ -53,44 +52,57 @@ def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, dropout=0.0, f
     do = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
     seed = torch.randint(2**62, (1,), device="cuda")
     poison_cache()
-    out = fs.flash_sigmoid(q, k, v, causal, bias, None, slopes, dropout, seed)
-    grads = torch.autograd.grad(out, [q, k, v] + ([bias] if learnable else []), do)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        out = fs.flash_sigmoid(q, k, v, causal, bias, None, slopes, dropout, seed)
+        grads = torch.autograd.grad(out, [q, k, v] + ([bias] if learnable else []), do)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        fs.FAST_SIGMOID = True
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
-    keep = fs.dropout_keep_mask(seed, B, H, T, dropout) if dropout else None
+    keep = dropout_keep_mask(seed, B, H, T, dropout).cuda() if dropout else None
     ref = fs.sigmoid_attention_reference(*ref_in[:3], causal, ref_in[3], None,
                                          None if slopes is None else slopes.double(), dropout, keep)
     ref_grads = torch.autograd.grad(ref, ref_in[:3] + (ref_in[3:] if learnable else []), do.double())
-    fs.FAST_SIGMOID = True
     errs = [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
     return [e if math.isfinite(e) else float("inf") for e in errs]
 
 
 def check(bound=1e-2, args_exact=True):
     print("## correctness: ||out - ref|| / ||ref|| against the float64 reference, fresh random inputs")
-    print(f"{'B':>2} {'H':>3} {'Hkv':>3} {'T':>5} {'D':>4} causal dtype    alibi learn drop sigmoid  "
+    print("backward: 'atomic' = dQ fused into the dK/dV kernel (the default), 'determ' = under "
+          "torch.use_deterministic_algorithms(True)")
+    print(f"{'B':>2} {'H':>3} {'Hkv':>3} {'T':>5} {'D':>4} causal dtype    alibi learn drop sigmoid  backward "
           "out      dq       dk       dv       dbias")
-    cases = []
-    for D in fs.SUPPORTED_HEAD_DIMS:
-        for causal in (True, False):
-            cases.append((2, 4, 4, 1000 + D + 1, D, causal, torch.bfloat16, False, False, 0.0))
-    cases += [
-        (1, 8, 2, 2049, 64, True, torch.bfloat16, False, True, 0.0),  # GQA, learnable bias
-        (1, 8, 8, 777, 128, True, torch.float16, True, False, 0.0),  # ALiBi
-        (2, 4, 1, 333, 32, False, torch.float16, True, True, 0.0),
-        (1, 8, 2, 1031, 64, True, torch.bfloat16, False, True, 0.2),  # attention dropout
-        (2, 4, 4, 517, 128, False, torch.float16, True, False, 0.1),
-        (1, 4, 4, 4096, 128, False, torch.bfloat16, False, False, 0.0),
-        (1, 2, 2, 16384, 64, True, torch.bfloat16, False, False, 0.0),
+    bf16, fp16 = torch.bfloat16, torch.float16
+    cases = [  # B, H, H_kv, T, D, causal, dtype, alibi, learnable bias, dropout; odd T throughout
+        (2, 4, 4, 1065, 64, True, bf16, False, False, 0.0),
+        (2, 4, 4, 1065, 64, False, fp16, False, False, 0.0),
+        (2, 4, 4, 1129, 128, True, fp16, False, False, 0.0),
+        (2, 4, 4, 1129, 128, False, bf16, False, False, 0.0),
+        (2, 4, 4, 1017, 16, True, bf16, False, False, 0.0),
+        (2, 4, 1, 333, 32, False, fp16, True, True, 0.0),
+        (4, 4, 2, 1, 64, True, bf16, False, True, 0.0),  # one token
+        (1, 8, 2, 2049, 64, True, bf16, False, True, 0.0),  # GQA, learnable bias
+        (1, 8, 8, 777, 128, True, fp16, True, False, 0.0),  # ALiBi
+        (1, 8, 2, 1031, 64, True, bf16, False, True, 0.2),  # attention dropout
+        (1, 8, 2, 999, 128, True, fp16, False, False, 0.1),
+        (2, 4, 4, 517, 128, False, fp16, True, False, 0.1),
+        (2, 4, 2, 701, 64, False, bf16, False, False, 0.1),
+        (1, 4, 4, 4096, 128, False, bf16, False, False, 0.0),
+        (1, 2, 2, 16384, 64, True, bf16, False, False, 0.0),
     ]
     failed = 0
     for n, case in enumerate(cases):
         for fast in (True, False) if args_exact and n in (2, 7, len(cases) - 1) else (True,):
-            errs = check_case(*case, fast=fast)
-            ok = max(errs) < bound
-            failed += not ok
-            B, H, H_kv, T, D, causal, dtype, alibi, learn, drop = case
-            print(f"{B:>2} {H:>3} {H_kv:>3} {T:>5} {D:>4} {causal!s:6} {str(dtype)[6:]:8} {alibi!s:5} {learn!s:5} {drop:<4} "
-                  f"{'tanh' if fast else 'exact':8} " + " ".join(f"{e:.2e}" for e in errs) + ("" if ok else "  FAIL"))
+            for deterministic in (False, True):
+                errs = check_case(*case, fast=fast, deterministic=deterministic)
+                ok = max(errs) < bound
+                failed += not ok
+                B, H, H_kv, T, D, causal, dtype, alibi, learn, drop = case
+                print(f"{B:>2} {H:>3} {H_kv:>3} {T:>5} {D:>4} {causal!s:6} {str(dtype)[6:]:8} {alibi!s:5} {learn!s:5} "
+                      f"{drop:<4} {'tanh' if fast else 'exact':8} {'determ' if deterministic else 'atomic':8} "
+                      + " ".join(f"{e:.2e}" for e in errs) + ("" if ok else "  FAIL"), flush=True)
     failed += not check_compile()
     print("correctness:", "PASS" if not failed else f"{failed} FAILED")
     return failed == 0
@@ -132,9 +144,9 @@ def check_compile():
 
 
 def sdpa(backend):
-    def run(q, k, v, causal):
+    def run(q, k, v, causal, dropout_p):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
     return run
 
 
@@ -150,33 +162,36 @@ def load_baseline(path):
     return module
 
 
+DEFAULT_IMPLS = "flash_sigmoid,baseline,sdpa_cudnn,sdpa_flash,triton_sigmoid"
+
+
 def peers(ref_max_t, baseline=""):
-    """name -> (fn(q, k, v, causal), max T or None)."""
+    """name -> (fn(q, k, v, causal, dropout_p), max T or None)."""
     impls = {
-        "flash_sigmoid": (lambda q, k, v, c: fs.flash_sigmoid(q, k, v, causal=c), None),
+        "flash_sigmoid": (lambda q, k, v, c, p: fs.flash_sigmoid(q, k, v, causal=c, dropout_p=p), None),
         "flash_sigmoid_exact": (exact_sigmoid, None),
-        "flash_sigmoid_dropout": (lambda q, k, v, c: fs.flash_sigmoid(q, k, v, causal=c, dropout_p=0.1), None),
         "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION), None),
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION), None),
-        "torch_ref": (lambda q, k, v, c: fs.sigmoid_attention_reference(q, k, v, causal=c), ref_max_t),
-        "torch_ref_compiled": (torch.compile(fs.sigmoid_attention_reference, dynamic=False), ref_max_t),
+        "torch_ref": (lambda q, k, v, c, p: fs.sigmoid_attention_reference(q, k, v, causal=c, dropout_p=p), ref_max_t),
+        "torch_ref_compiled": (torch.compile(lambda q, k, v, c, p: fs.sigmoid_attention_reference(
+            q, k, v, causal=c, dropout_p=p), dynamic=False), ref_max_t),
     }
     if baseline:
         old = load_baseline(baseline)
-        impls["baseline"] = (lambda q, k, v, c: old.flash_sigmoid(q, k, v, causal=c), None)
+        impls["baseline"] = (lambda q, k, v, c, p: old.flash_sigmoid(q, k, v, causal=c, dropout_p=p), None)
     try:
-        import triton_sigmoid  # takes (B, T, H, D)
-        impls["triton_sigmoid"] = (lambda q, k, v, c: triton_sigmoid.sigmoid_attention(
+        import triton_sigmoid  # takes (B, T, H, D); no dropout
+        impls["triton_sigmoid"] = (lambda q, k, v, c, p: None if p else triton_sigmoid.sigmoid_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=c).transpose(1, 2), None)
     except ImportError:
         print("triton-sigmoid is not installed: its column is empty")
     return impls
 
 
-def exact_sigmoid(q, k, v, causal):
+def exact_sigmoid(q, k, v, causal, dropout_p):
     fs.FAST_SIGMOID = False  # tl.sigmoid: exp and divide instead of one tanh
     try:
-        return fs.flash_sigmoid(q, k, v, causal=causal)
+        return fs.flash_sigmoid(q, k, v, causal=causal, dropout_p=dropout_p)
     finally:
         fs.FAST_SIGMOID = True
 
@@ -190,27 +205,28 @@ def time_ms(fn, warmup=25, rep=100):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def bench_one(fn, B, H, T, D, causal):
-    """(fwd ms, fwd+bwd ms, peak extra MiB of fwd+bwd) or None when it fails (out of memory)."""
+def bench_one(fn, B, H, T, D, causal, dropout_p):
+    """(fwd ms, fwd+bwd ms, peak extra MiB of fwd+bwd) or None when it fails (out of memory, or a
+    peer that cannot take dropout)."""
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
     try:
+        if fn(q, k, v, causal, dropout_p) is None:
+            return None
         with torch.no_grad():
-            fwd = time_ms(lambda: fn(q, k, v, causal))
-        fwd_bwd = time_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do))
+            fwd = time_ms(lambda: fn(q, k, v, causal, dropout_p))
+        fwd_bwd = time_ms(lambda: torch.autograd.grad(fn(q, k, v, causal, dropout_p), (q, k, v), do))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
+        torch.autograd.grad(fn(q, k, v, causal, dropout_p), (q, k, v), do)
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         return fwd, fwd_bwd, peak
     except torch.OutOfMemoryError:
         return None
-    except RuntimeError as e:  # a call that cannot be captured in a CUDA graph
-        if not CUDA_GRAPHS:
-            raise
-        print(f"  CUDA graph capture failed: {' '.join(str(e).split())[:200]}")
+    except RuntimeError as e:  # a call that cannot be captured in a CUDA graph, or an SDPA backend refusing
+        print(f"  failed: {' '.join(str(e).split())[:200]}")
         return None
     finally:
         torch.cuda.empty_cache()
@@ -220,27 +236,29 @@ def bench(args):
     impls = peers(args.ref_max_t, args.baseline)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     time_ms(lambda: a @ a)  # wake the GPU up to its clocks before the first timed kernel
-    names = [n for n in args.impls.split(",") if n in impls] if args.impls else list(impls)
+    names = [n for n in args.impls.split(",") if n in impls]
     rows = []
     for D in args.head_dims:
         for T in args.seq_lens:
             for causal in (False, True):
-                B, H = max(1, args.tokens // T), args.heads
-                flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
-                for name in names:
-                    fn, max_t = impls[name]
-                    if max_t is not None and T > max_t:
-                        continue
-                    r = bench_one(fn, B, H, T, D, causal)
-                    if r is None:
-                        print(f"{name} D={D} T={T} causal={causal}: out of memory (or, with --cuda-graphs, not capturable)")
-                        continue
-                    fwd, fwd_bwd, peak = r
-                    rows.append(dict(impl=name, D=D, T=T, causal=causal, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
-                                     fwd_tflops=flops / fwd / 1e9, fwd_bwd_tflops=3.5 * flops / fwd_bwd / 1e9,
-                                     peak_mib=peak))
-                    print(f"{name:20} D={D:3} T={T:5} causal={causal!s:5} fwd {rows[-1]['fwd_tflops']:6.1f} "
-                          f"fwd+bwd {rows[-1]['fwd_bwd_tflops']:6.1f} TFLOP/s  peak {peak:8.1f} MiB", flush=True)
+                for dropout_p in args.dropouts:
+                    B, H = max(1, args.tokens // T), args.heads
+                    flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
+                    for name in names:
+                        fn, max_t = impls[name]
+                        if max_t is not None and T > max_t:
+                            continue
+                        r = bench_one(fn, B, H, T, D, causal, dropout_p)
+                        if r is None:
+                            print(f"{name} D={D} T={T} causal={causal} dropout={dropout_p}: no result")
+                            continue
+                        fwd, fwd_bwd, peak = r
+                        rows.append(dict(impl=name, D=D, T=T, causal=causal, dropout=dropout_p, fwd_ms=fwd,
+                                         fwd_bwd_ms=fwd_bwd, fwd_tflops=flops / fwd / 1e9,
+                                         fwd_bwd_tflops=3.5 * flops / fwd_bwd / 1e9, peak_mib=peak))
+                        print(f"{name:20} D={D:3} T={T:5} causal={causal!s:5} dropout={dropout_p:<4} "
+                              f"fwd {rows[-1]['fwd_tflops']:6.1f} fwd+bwd {rows[-1]['fwd_bwd_tflops']:6.1f} TFLOP/s  "
+                              f"peak {peak:8.1f} MiB", flush=True)
     return rows
 
 
@@ -251,7 +269,8 @@ SWEEP = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
             (128, 128, 8, 3), (128, 64, 8, 4), (64, 32, 4, 3)],
     "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2),
-             (32, 128, 8, 3), (16, 128, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 3)],
+             (32, 128, 8, 3), (16, 128, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 3),
+             (32, 64, 8, 3), (64, 64, 8, 2)],
     "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3),
            (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3)],
 }
@@ -284,9 +303,9 @@ def autotune_choices():
 
 
 def sweep(args):
-    """Time every SWEEP config of each kernel, to choose the autotune lists: the forward alone, and the
-    whole backward for each dK/dV config (dQ at its first config) and each dQ config (dK/dV at its
-    first). TFLOP/s as in the table: 2 matmuls forward, 5 backward (the 2.5x convention)."""
+    """Time every SWEEP config of each kernel, to choose the autotune lists: the forward alone, the
+    whole (fused) backward for each dK/dV config, and the deterministic backward for each dQ config
+    (dK/dV at its first). TFLOP/s as in the table: 2 matmuls forward, 5 backward (the 2.5x convention)."""
     kernels = {name: getattr(fs, attr) for name, attr in KERNELS.items()}
     saved = {name: kernel.configs for name, kernel in kernels.items()}
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -309,11 +328,14 @@ def sweep(args):
                     kernel.configs = [block_config(shape)] \
                         if other == name else saved[other][:1]
                     kernel.cache = {}
+                torch.use_deterministic_algorithms(name == "dq", warn_only=True)  # dQ's own kernel runs only then
                 try:
                     ms = time_ms(fwd if name == "fwd" else bwd, warmup=10, rep=40)
                 except Exception as e:  # out of shared memory: skip the shape
                     print(f"  {name} {shape}: failed ({type(e).__name__})")
                     continue
+                finally:
+                    torch.use_deterministic_algorithms(False)
                 results.append((n_matmuls * matmul / ms / 1e9, shape))
             best = max(results, default=None)  # None when every shape failed
             print(f"D={D} T={T} causal={causal!s:5} {name:4}: " + "  ".join(
@@ -322,25 +344,35 @@ def sweep(args):
         kernel.configs, kernel.cache = configs, {}
 
 
-def table(rows, args):
-    """Markdown: our TFLOP/s and the ratio ours/peer for every peer, forward and forward+backward."""
-    ours = {(r["D"], r["T"], r["causal"]): r for r in rows if r["impl"] == "flash_sigmoid"}
+def table(rows):
+    """Markdown: our TFLOP/s, the ratio ours / the faster SDPA kernel (softmax), then ours / each peer,
+    forward and forward+backward."""
+    shape = lambda r: (r["D"], r["T"], r["causal"], r["dropout"])
+    by_key = {(r["impl"],) + shape(r): r for r in rows}
+    ours = [r for r in rows if r["impl"] == "flash_sigmoid"]
     others = sorted({r["impl"] for r in rows} - {"flash_sigmoid"}, key=[r["impl"] for r in rows].index)
-    head = "| D | T | causal | ours fwd | ours fwd+bwd | ours peak MiB | " + " | ".join(
-        f"vs {n} fwd | vs {n} f+b" for n in others) + " |"
+    head = ("| D | T | causal | dropout | ours fwd | ours fwd+bwd | vs best SDPA fwd | vs best SDPA f+b | "
+            + " | ".join(f"vs {n} fwd | vs {n} f+b" for n in others) + " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    by_key = {(r["impl"], r["D"], r["T"], r["causal"]): r for r in rows}
-    for key, r in ours.items():
-        cells = [str(key[0]), str(key[1]), "yes" if key[2] else "no", f"{r['fwd_tflops']:.1f}",
-                 f"{r['fwd_bwd_tflops']:.1f}", f"{r['peak_mib']:.0f}"]
+    for r in ours:
+        key = shape(r)
+        sdpa_rows = [by_key[(n,) + key] for n in ("sdpa_cudnn", "sdpa_flash") if (n,) + key in by_key]
+        cells = [str(key[0]), str(key[1]), "yes" if key[2] else "no", str(key[3]), f"{r['fwd_tflops']:.1f}",
+                 f"{r['fwd_bwd_tflops']:.1f}"]
+        for metric in ("fwd_tflops", "fwd_bwd_tflops"):
+            best = max((p[metric] for p in sdpa_rows), default=None)
+            cells.append(f"{r[metric] / best:.2f}x" if best else "")
         for n in others:
             p = by_key.get((n,) + key)
             cells += [f"{r['fwd_tflops'] / p['fwd_tflops']:.2f}x", f"{r['fwd_bwd_tflops'] / p['fwd_bwd_tflops']:.2f}x"] if p else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
-    raw = ["", "Raw TFLOP/s (fwd / fwd+bwd) and peak extra MiB of one forward+backward:", ""]
-    raw += [f"- {r['impl']} D={r['D']} T={r['T']} causal={r['causal']}: {r['fwd_tflops']:.1f} / "
-            f"{r['fwd_bwd_tflops']:.1f}, {r['peak_mib']:.0f} MiB" for r in rows]
-    return "\n".join(lines + raw)
+    return "\n".join(lines)
+
+
+def raw_rows(rows):
+    lines = ["Raw TFLOP/s (fwd / fwd+bwd) and peak extra MiB of one forward+backward:", ""]
+    return "\n".join(lines + [f"- {r['impl']} D={r['D']} T={r['T']} causal={r['causal']} dropout={r['dropout']}: "
+                              f"{r['fwd_tflops']:.1f} / {r['fwd_bwd_tflops']:.1f}, {r['peak_mib']:.0f} MiB" for r in rows])
 
 
 def header():
@@ -366,13 +398,15 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check-only", action="store_true", help="run the correctness check and stop")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1], help="attention dropout_p values")
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--tokens", type=int, default=16384, help="B*T per shape")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--ref-max-t", type=int, default=1024, help="longest T for the (T, T)-memory reference")
     p.add_argument("--baseline", default="", help="another flash_sigmoid.py to time as the peer 'baseline'")
-    p.add_argument("--impls", default="", help="comma-separated subset of implementations")
+    p.add_argument("--impls", default=DEFAULT_IMPLS, help="comma-separated implementations (also: "
+                   "flash_sigmoid_exact, torch_ref, torch_ref_compiled); baseline needs --baseline")
     p.add_argument("--out", default="", help="write the markdown table to this file")
     p.add_argument("--sweep", action="store_true", help="time each kernel's candidate block shapes, then stop")
     p.add_argument("--wide-tune", action="store_true", help="autotune among all the --sweep shapes; print the choices")
@@ -392,8 +426,11 @@ if __name__ == "__main__":
         widen_autotune()
     CUDA_GRAPHS = args.cuda_graphs
     rows = bench(args)
-    text = f"# Attention benchmark\n\n{header()}\n\nCommand: `python benchmarks/bench_attention.py {' '.join(sys.argv[1:])}`\n\n{table(rows, args)}\n{autotune_choices()}\n"
-    print(text)
+    text = (f"# Attention benchmark\n\n{header()}\n\nCommand: `python benchmarks/bench_attention.py "
+            f"{' '.join(sys.argv[1:])}`\n\n{raw_rows(rows)}\n{autotune_choices()}\n\n"
+            f"TFLOP/s of flash_sigmoid and its ratio to each peer (softmax for SDPA; best SDPA = the faster of "
+            f"cuDNN and flash for that row):\n\n{table(rows)}\n")
+    print(text)  # the table last
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)

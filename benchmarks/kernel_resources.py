@@ -49,7 +49,8 @@ def launch_arguments(dtype, D, T, H, group):
     args = {f"stride_{name}{dim}": s for name, st in strides.items() for dim, s in zip("bht", st)}
     args.update(H=H, GROUP=group, T=T, scale=1.0 / D ** 0.5, dropout_p=0.1)
     args.update({name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")})
-    args.update(Bias="*fp32", Slopes="*fp32", DBias="*fp32", Seed="*i64")
+    args.update(Bias="*fp32", Slopes="*fp32", DBias="*fp32", DQacc="*fp32", Seed="*i64")  # DQacc: dK/dV's fp32 dQ
+    # (its contiguous strides share the stride_dq* names; as multiples of 16 they specialise alike)
     return args
 
 
@@ -119,8 +120,8 @@ def main():
             for name in args.kernels.split(","):
                 kernel = KERNELS[name]
                 constexprs = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=args.alibi, DROPOUT=args.dropout, FAST=True)
-                if name == "dkdv":
-                    constexprs["BIAS_GRAD"] = False
+                if name == "dkdv":  # as the default (non-deterministic) backward launches it: dQ fused
+                    constexprs.update(BIAS_GRAD=False, FUSE_DQ=True)
                 for config in kernel.configs:
                     shape = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
                     launch = launch_arguments(args.dtype, D, args.seq_len, args.heads, args.group)

@@ -3,9 +3,6 @@
 Small shapes, fp32 and fp16, odd T, causal and not, GQA, ALiBi, fixed and learnable biases.
 """
 import math
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
 
 import pytest
 from hypothesis import given, settings
@@ -13,31 +10,11 @@ from hypothesis import strategies as st
 import torch
 
 import flash_sigmoid as fs
+from tests.attention_float64 import dropout_keep_mask, rel_err, sigmoid_attention_f64
 
 pytestmark = pytest.mark.skipif(not fs.INTERPRET and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a GPU")
 DEVICE = "cuda" if torch.cuda.is_available() and not fs.INTERPRET else "cpu"
-
-
-def sigmoid_attention_f64(q, k, v, causal, bias, alibi_slopes=None):
-    """O[b,h,i] = sum_j sigmoid(q_i.k_j / sqrt(D) + b_h - slope_h (i - j)) v_j, over j <= i when causal."""
-    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
-    B, H, T, D = q.shape
-    group = H // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    pos = torch.arange(T, dtype=torch.float64)
-    bias = torch.as_tensor(bias, dtype=torch.float64).cpu()
-    x = q @ k.transpose(-1, -2) / math.sqrt(D) + bias.view(1, H, 1, 1)
-    if alibi_slopes is not None:
-        x = x - alibi_slopes.double().cpu().view(1, H, 1, 1) * (pos[:, None] - pos[None, :])
-    p = 1.0 / (1.0 + torch.exp(-x))
-    if causal:
-        p = p * (pos[None, :] <= pos[:, None])
-    return p @ v
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def make_inputs(B, H, H_kv, T, D, dtype, seed):
@@ -46,10 +23,38 @@ def make_inputs(B, H, H_kv, T, D, dtype, seed):
     return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
 
 
-def poisoned_cache():
-    """Fill then free memory so torch.empty hands NaNs to any output element the kernel forgets."""
-    if DEVICE == "cuda":
-        torch.empty(1 << 26, device=DEVICE).fill_(float("nan"))
+@pytest.fixture(autouse=True, scope="module")
+def poisoned_outputs():
+    """Every output and gradient the launchers allocate starts as NaN, so an element a kernel
+    forgets to write fails the test (torch.empty alone may hand out zeros, which would pass)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("_output_like", "_grad_like"):
+            allocate = getattr(fs, name)
+            patch.setattr(fs, name, lambda x, allocate=allocate: allocate(x).fill_(float("nan")))
+        yield
+
+
+@pytest.fixture(params=["fused dq", "deterministic"])
+def backward_path(request):
+    """Both backwards: dQ added atomically by the dK/dV kernel, and (under torch's deterministic
+    mode) dQ from its own kernel."""
+    deterministic = request.param == "deterministic"
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    yield request.param
+    torch.use_deterministic_algorithms(before)
+
+
+def test_deterministic_mode_chooses_the_dq_kernel(monkeypatch):
+    launches = []
+    kernel = fs._bwd_dq_kernel
+    monkeypatch.setattr(fs, "_bwd_dq_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    q, k, v = (t.requires_grad_() for t in make_inputs(1, 2, 2, 20, 16, torch.float32, 3))
+    fused = torch.autograd.grad(fs.flash_sigmoid(q, k, v).sum(), q)[0]
+    assert not launches
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert rel_err(torch.autograd.grad(fs.flash_sigmoid(q, k, v).sum(), q)[0], fused) < 1e-6 and len(launches) == 1
 
 
 CASES = [  # B, H, H_kv, T, D, causal, dtype, alibi, learnable bias
@@ -59,11 +64,13 @@ CASES = [  # B, H, H_kv, T, D, causal, dtype, alibi, learnable bias
     (1, 2, 2, 45, 128, False, torch.float32, False, False),
     (1, 4, 1, 64, 32, True, torch.float16, False, True),
     (2, 2, 2, 17, 64, False, torch.float16, False, False),
+    (1, 2, 1, 1, 128, True, torch.float32, True, True),
+    (1, 4, 2, 100, 64, True, torch.float16, True, True),
 ]
 
 
 @pytest.mark.parametrize("B,H,H_kv,T,D,causal,dtype,alibi,learnable", CASES)
-def test_forward_and_gradients_match_float64(B, H, H_kv, T, D, causal, dtype, alibi, learnable):
+def test_forward_and_gradients_match_float64(B, H, H_kv, T, D, causal, dtype, alibi, learnable, backward_path):
     seed = hash((B, H, H_kv, T, D, causal)) % 10_000
     q, k, v = make_inputs(B, H, H_kv, T, D, dtype, seed)
     bias = torch.linspace(-math.log(T), 1.0, H, device=DEVICE)  # several bias values, one per head
@@ -72,7 +79,6 @@ def test_forward_and_gradients_match_float64(B, H, H_kv, T, D, causal, dtype, al
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     bias_arg = bias.clone().requires_grad_() if learnable else bias
-    poisoned_cache()
     out = fs.flash_sigmoid(*leaves, causal=causal, sigmoid_bias=bias_arg, alibi_slopes=slopes)
     out.backward(do)
 
@@ -119,7 +125,6 @@ def test_strided_views_of_one_qkv_tensor():
     qkv = torch.randn(B, T, 3, H, D, device=DEVICE).requires_grad_()
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views
     assert not q.is_contiguous()
-    poisoned_cache()
     fs.flash_sigmoid(q, k, v, causal=True).square().sum().backward()
     got = qkv.grad.clone()
     qkv64 = qkv.detach().double().cpu().requires_grad_()
@@ -190,17 +195,17 @@ def test_bias_gradient_is_right_on_the_first_call_while_autotuning(monkeypatch):
 
 @pytest.mark.parametrize("B,H,H_kv,T,D,causal,dtype", [(2, 4, 2, 37, 16, True, torch.float32),
                                                       (1, 2, 2, 45, 32, False, torch.float16)])
-def test_dropout_forward_and_gradients_match_float64_with_the_kernels_mask(B, H, H_kv, T, D, causal, dtype):
+def test_dropout_forward_and_gradients_match_float64_with_the_kernels_mask(B, H, H_kv, T, D, causal, dtype,
+                                                                           backward_path):
     q, k, v = make_inputs(B, H, H_kv, T, D, dtype, 31)
     bias = torch.linspace(-3.0, 1.0, H, device=DEVICE)
     seed, p = torch.tensor([2**40 + 12345], device=DEVICE), 0.3
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     bias_arg = bias.clone().requires_grad_()
-    poisoned_cache()
     out = fs.flash_sigmoid(*leaves, causal=causal, sigmoid_bias=bias_arg, dropout_p=p, dropout_seed=seed)
     do = torch.randn_like(out)
     out.backward(do)
-    keep = fs.dropout_keep_mask(seed, B, H, T, p).cpu()
+    keep = dropout_keep_mask(seed, B, H, T, p)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.03  # 1 - p of the weights kept
     ref_leaves = [t.double().cpu().requires_grad_() for t in (q, k, v)]
     ref_bias = bias.double().cpu().requires_grad_()
@@ -211,6 +216,32 @@ def test_dropout_forward_and_gradients_match_float64_with_the_kernels_mask(B, H,
     assert rel_err(out.cpu(), ref) < tol
     for got, want in zip(leaves + [bias_arg], ref_leaves + [ref_bias]):
         assert rel_err(got.grad.cpu(), want.grad) < tol
+
+
+def test_kernel_draws_the_dropout_mask_its_torch_rewrite_draws():
+    """With V = I (T = D) the output is the dropped weight matrix itself, so the kernel's mask reads
+    off as its nonzero entries (a sigmoid is never 0), and must equal the torch rewrite's, exactly."""
+    B, H, T, p = 2, 4, 64, 0.25
+    q, k, _ = make_inputs(B, H, H, T, T, torch.float32, 43)
+    v = torch.eye(T, device=DEVICE).expand(B, H, T, T)
+    seed = torch.tensor([2**40 + 99], device=DEVICE)
+    out = fs.flash_sigmoid(q, k, v, causal=False, dropout_p=p, dropout_seed=seed)
+    assert torch.equal(out.cpu() != 0, dropout_keep_mask(seed, B, H, T, p))
+
+
+def test_dropout_mask_drops_p_and_differs_by_seed_head_and_position():
+    B, H, T = 2, 4, 256  # 2^19 weights
+    for p in (0.1, 0.5, 0.9):
+        keep = dropout_keep_mask(torch.tensor([1234]), B, H, T, p).float()
+        assert abs(keep.mean().item() - (1 - p)) < 0.004  # 4 standard deviations at most
+    keep = dropout_keep_mask(torch.tensor([5]), B, H, T, 0.5).float()
+    heads = keep.view(B * H, -1)
+    agree = heads @ heads.T + (1 - heads) @ (1 - heads).T  # weights on which two heads agree
+    assert (agree / T**2 - torch.eye(B * H)).abs().max() < 0.51  # about half, off the diagonal
+    for other_seed in (6, 5 + 2**32):  # the seed's high 32 bits count too
+        assert (dropout_keep_mask(torch.tensor([other_seed]), B, H, T, 0.5).float() == keep).float().mean() < 0.51
+    right, below = (keep[..., :, 1:] == keep[..., :, :-1]), (keep[..., 1:, :] == keep[..., :-1, :])
+    assert abs(right.float().mean() - 0.5) < 0.005 and abs(below.float().mean() - 0.5) < 0.005  # neighbours independent
 
 
 def test_dropout_mask_follows_the_seed():
@@ -260,7 +291,6 @@ def test_kernel_equals_float64_on_random_shapes_and_biases(B, H_kv, group, T, D,
     q, k, v = make_inputs(B, H, H_kv, T, D, torch.float32, seed)
     slopes = torch.rand(H, device=DEVICE) if alibi else None
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    poisoned_cache()
     out = fs.flash_sigmoid(*leaves, causal=causal, sigmoid_bias=bias, alibi_slopes=slopes)
     do = torch.randn_like(out)
     out.backward(do)
