@@ -29,7 +29,8 @@ def opt(default, help, choices=None):
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = opt("out", "folder for checkpoints and logs")
+    out_dir: str = opt("out-{attn}", "folder for checkpoints and logs; {key} becomes that key's value")
+    overwrite: bool = opt(False, "let a new run replace a checkpoint of another config in out_dir")
     eval_interval: int = opt(250, "estimate train/val loss every this many steps")
     log_interval: int = opt(10, "print the training loss every this many steps")
     eval_iters: int = opt(200, "batches averaged per loss estimate")

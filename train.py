@@ -44,6 +44,13 @@ GPT2_SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "bias")  # set by the 
 progress = dict(argv=[], rank=0, ddp=False, iter=0, ckpt="out/ckpt.pt", ckpt_iter=None)
 
 
+# keys that change how a run is watched or where it runs, not what it learns: a new run may differ
+# in these from the checkpoint it replaces in out_dir
+NOT_THE_RUN = ("out_dir", "overwrite", "init_from", "eval_only", "log_interval", "log_attn_norm",
+               "sample_tokens", "wandb_log", "wandb_project", "wandb_run_name", "device", "compile",
+               "backend", "always_save_checkpoint")
+
+
 class TrainError(Exception):
     """A problem during the run that the user can act on; the message is one line."""
 
@@ -85,6 +92,38 @@ def pick_device(cfg, local_rank):
     if dtype == "float16" and kind != "cuda":
         raise ConfigError(f"--dtype=float16 is for CUDA GPUs (it needs a GradScaler): use float32 or bfloat16 on {kind}")
     return device, kind, dtype
+
+
+def run_folder(cfg):
+    """--out_dir with each {key} replaced by that key's value: out-{attn} -> out-sigmoid."""
+    try:
+        return Path(cfg.out_dir.format(**config_to_dict(cfg)))
+    except KeyError as e:
+        raise ConfigError(f"--out_dir={cfg.out_dir!r} names {{{e.args[0]}}}, which is not a config key: "
+                          f"use a key such as {{attn}}, or no braces") from None
+    except (IndexError, ValueError):
+        raise ConfigError(f"--out_dir={cfg.out_dir!r} has a brace that is not part of a {{key}}: "
+                          f"remove it") from None
+
+
+def check_new_run(cfg, path):
+    """A new run stops before it would silently replace the checkpoint of a run with another config."""
+    if cfg.init_from == "resume" or cfg.eval_only or cfg.overwrite or not path.exists():
+        return
+    fix = "choose another --out_dir, or add --overwrite to replace it"
+    try:
+        ckpt = load_checkpoint_file(path)
+    except ModelLoadError as e:
+        raise TrainError(f"{e}; {fix}") from None
+    old = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(old, dict):
+        raise TrainError(f"{path} was not written by train.py: {fix}")
+    new = config_to_dict(cfg)
+    same_anyway = NOT_THE_RUN + (GPT2_SHAPE if cfg.init_from.startswith("gpt2") else ())
+    keys = [k for k in new if k in old and k not in same_anyway and old[k] != new[k]]
+    if keys:
+        raise TrainError(f"{path} holds another run ({', '.join(f'{k}={old[k]}' for k in keys)}; this run: "
+                         f"{', '.join(f'{k}={new[k]}' for k in keys)}): {fix}")
 
 
 def check_writable(out_dir):
@@ -300,10 +339,12 @@ def main(argv):
         if kind == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if kind == "cuda" and cfg.backend == "nccl" else "gloo")
-    out_dir = Path(cfg.out_dir)
+    out_dir = run_folder(cfg)
+    cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
     ckpt_path = out_dir / "ckpt.pt"
     progress["ckpt"] = ckpt_path
     if master and not cfg.eval_only:
+        check_new_run(cfg, ckpt_path)
         check_writable(out_dir)
     torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks; the data stream does not (below)
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -158,6 +158,31 @@ def test_default_preset_and_dataset_are_prepared(tmp_path):
     assert "sample of 5 tokens:" in result.stdout
 
 
+def test_runs_that_differ_do_not_share_an_out_dir(data_dir, tmp_path):
+    """The preset's out_dir names the attention kind, so --attn=sigmoid then --attn=softmax leave two
+    runs; a new run into a folder holding another config's checkpoint stops unless --overwrite."""
+    def run(*args):  # no --out_dir: the preset's, relative to the working directory
+        cmd = [sys.executable, str(REPO / "train.py"), str(REPO / "presets/shakespeare_char_cpu.toml"), *TINY,
+               "--dataset=tiny", f"--data_dir={data_dir}", "--max_iters=2", "--eval_interval=2", *args]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    for attn in ("sigmoid", "softmax"):
+        assert run(f"--attn={attn}").returncode == 0
+    for attn in ("sigmoid", "softmax"):
+        assert load(tmp_path / f"out-shakespeare-char-cpu-{attn}" / "ckpt.pt")["model_args"]["attn"] == attn
+    ckpt = tmp_path / "out-shakespeare-char-cpu-sigmoid" / "ckpt.pt"
+    before = ckpt.read_bytes()
+    line = error_line(run("--attn=sigmoid", "--n_layer=3", "--learning_rate=1e-3"))
+    assert line == ("error: out-shakespeare-char-cpu-sigmoid/ckpt.pt holds another run (n_layer=2, learning_rate=0.003; this run: n_layer=3, "
+                    "learning_rate=0.001): choose another --out_dir, or add --overwrite to replace it")
+    assert ckpt.read_bytes() == before
+    assert run("--attn=sigmoid", "--max_iters=2").returncode == 0  # the same config again: a rerun
+    assert run("--attn=sigmoid", "--n_layer=3", "--overwrite").returncode == 0
+    assert load(ckpt)["model_args"]["n_layer"] == 3
+    line = error_line(run("--out_dir=out-{atn}"), code=2)
+    assert "--out_dir='out-{atn}' names {atn}, which is not a config key" in line
+
+
 # ----------------------------------------------------------------------------- interruptions and faults
 
 def test_kill_9_during_training_keeps_a_loadable_checkpoint(data_dir, tmp_path):
