@@ -1,7 +1,9 @@
 """Sample from a model trained by train.py.
 
-    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
+    python sample.py                      # the newest run folder here, e.g. out-shakespeare-char-cpu-sigmoid
+    python sample.py --out_dir=out-shakespeare-char-sigmoid --start="ROMEO:" --num_samples=3
 """
+import shlex
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from prepare_data import DataError, tokenizer_from_meta
 
 @dataclass
 class SampleConfig:
-    out_dir: str = opt("out", "folder holding ckpt.pt (train.py's --out_dir)")
+    out_dir: str = opt("", "folder holding ckpt.pt (train.py's --out_dir); empty = the newest run folder here")
     start: str = opt("\n", "the prompt, or FILE:path to read it from a file")
     num_samples: int = opt(10, "number of samples to draw")
     max_new_tokens: int = opt(500, "tokens generated per sample")
@@ -47,6 +49,22 @@ def check_config(cfg):
         raise ConfigError(f"--top_p must be more than 0 and at most 1 (1.0 = all tokens), got {cfg.top_p}")
 
 
+def find_checkpoint(out_dir):
+    """out_dir's ckpt.pt; with no --out_dir, the newest one in the folders here (train.py writes its
+    runs to folders named after the preset and attention kind), saying which it picked."""
+    if out_dir:
+        path = Path(out_dir) / "ckpt.pt"
+        if not path.is_file():
+            fail(f"no checkpoint at {path}: train first with {shlex.join(['python', 'train.py', '--out_dir=' + out_dir])}")
+        return path
+    runs = sorted(Path().glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        fail(f"no run folder with a ckpt.pt in {Path.cwd()}: train first with python train.py, or give --out_dir")
+    others = f"; the others: {', '.join(str(p.parent) for p in reversed(runs[:-1]))}" if len(runs) > 1 else ""
+    print(f"sampling from {runs[-1]}, the newest run here (--out_dir picks one){others}", file=sys.stderr)
+    return runs[-1]
+
+
 def main(argv=None):
     cfg = parse_args(argv, SampleConfig, prog="sample.py", description="Sample text from a trained checkpoint.")
     try:
@@ -54,9 +72,7 @@ def main(argv=None):
         device, device_type = resolve_device(cfg.device)
     except ConfigError as e:  # a config mistake: exit 2, as parse_args does
         fail(e, code=2)
-    path = Path(cfg.out_dir) / "ckpt.pt"
-    if not path.is_file():
-        fail(f"no checkpoint at {path}: train first with python train.py")
+    path = find_checkpoint(cfg.out_dir)
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"

@@ -21,6 +21,7 @@ import math
 import os
 import shlex
 import sys
+import textwrap
 import time
 import traceback
 from contextlib import nullcontext, suppress
@@ -32,7 +33,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from attention import check_attention_config
-from configurable import ConfigError, TrainConfig, config_to_dict, load_config, parse_args, split_argv
+from configurable import (ConfigError, TrainConfig, config_to_dict, load_config, load_preset, parse_args,
+                          split_argv)
 from model import GPT, GPTConfig, ModelLoadError, load_checkpoint_file, resolve_device
 from prepare_data import DataError, check_bin, load_meta, prepare, tokenizer_from_meta
 
@@ -55,12 +57,32 @@ class TrainError(Exception):
     """A problem during the run that the user can act on; the message is one line."""
 
 
+def default_preset():
+    """The preset a command line without one gets: the GPU baby GPT, or its CPU-sized version."""
+    if torch.cuda.is_available():
+        return "presets/shakespeare_char.toml"
+    return "presets/shakespeare_char_cpu.toml"
+
+
+def help_description(default):
+    """--help's text above the keys: which preset applies when none is given, and what it changes."""
+    machine = "this machine has a CUDA GPU" if torch.cuda.is_available() else "this machine has no CUDA GPU"
+    values = load_preset(HERE / default)
+    defaults = config_to_dict(TrainConfig())
+    changed = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                        for k, v in values.items() if v != defaults[k])
+    note = (f"With no preset given, {default} is applied first ({machine}; the GPU preset is "
+            "presets/shakespeare_char.toml, the CPU one presets/shakespeare_char_cpu.toml). "
+            f"It sets {changed}. The defaults listed below are those before any preset.")
+    return "Train a GPT with softmax or sigmoid attention.\n\n" + textwrap.fill(note, 100)
+
+
 def load_train_config(argv, master):
     """The command line -> a checked TrainConfig; raises ConfigError."""
+    default = default_preset()
     if "-h" in argv or "--help" in argv:
-        parse_args(argv, TrainConfig, "train.py", "Train a GPT with softmax or sigmoid attention.")  # exits
+        parse_args(argv, TrainConfig, "train.py", help_description(default))  # exits
     presets, _ = split_argv(argv)
-    default = "presets/shakespeare_char.toml" if torch.cuda.is_available() else "presets/shakespeare_char_cpu.toml"
     if not presets and master:
         print(f"no preset given: using {default}")
     cfg = load_config(argv, TrainConfig, default_presets=[str(HERE / default)])

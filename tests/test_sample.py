@@ -65,7 +65,22 @@ def run_main(argv, capsys):
 def test_missing_checkpoint_is_one_line_exit_1(tmp_path, capsys):
     code, err = run_main([f"--out_dir={tmp_path / 'out'}"], capsys)
     assert code == 1
-    assert err == f"error: no checkpoint at {tmp_path / 'out' / 'ckpt.pt'}: train first with python train.py\n"
+    assert err == (f"error: no checkpoint at {tmp_path / 'out' / 'ckpt.pt'}: "
+                   f"train first with python train.py --out_dir={tmp_path / 'out'}\n")
+
+
+def test_without_out_dir_the_newest_run_here_is_sampled(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main([], capsys)
+    assert code == 1 and err == (f"error: no run folder with a ckpt.pt in {tmp_path}: "
+                                 "train first with python train.py, or give --out_dir\n")
+    write_checkpoint(tmp_path / "out-a-sigmoid", attn="sigmoid")
+    write_checkpoint(tmp_path / "out-a-softmax")
+    os.utime(tmp_path / "out-a-sigmoid" / "ckpt.pt", (1e9, 1e9))  # older than the softmax run
+    sample.main(["--num_samples=1", "--max_new_tokens=3"])
+    err = capsys.readouterr().err
+    assert err == ("sampling from out-a-softmax/ckpt.pt, the newest run here (--out_dir picks one); "
+                   "the others: out-a-sigmoid\n")
 
 
 @pytest.mark.parametrize("arg, message", [

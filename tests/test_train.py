@@ -375,6 +375,12 @@ def test_out_of_range_value_exit_2(data_dir, tmp_path, arg, message):
 def test_help_lists_keys():
     result = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--attn=<str>" in result.stdout and "--init_from=<str>" in result.stdout
+    help_text = " ".join(result.stdout.split())
+    preset = "shakespeare_char" if torch.cuda.is_available() else "shakespeare_char_cpu"
+    assert f"With no preset given, presets/{preset}.toml is applied first" in help_text
+    if preset == "shakespeare_char_cpu":
+        assert "It sets out_dir=out-shakespeare-char-cpu-{attn}, eval_iters=20," in help_text
+    assert "The defaults listed below are those before any preset." in help_text
 
 
 # ----------------------------------------------------------------------------- DDP on CPU (gloo)
