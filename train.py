@@ -42,6 +42,8 @@ HERE = Path(__file__).resolve().parent
 NOT_YET = 2**62  # the on-device "first iteration with a non-finite loss" before there is one
 RESUME_MAY_CHANGE = ("dropout", "sigmoid_backend")  # model keys that leave the weights as they are
 GPT2_SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "bias")  # set by the weights for init_from=gpt2*
+CPU_PRESET = "shakespeare_char_cpu.toml"
+LONG_CPU_RUN = 30 * 60  # seconds: a CPU run projected to take longer gets a warning
 # what the error handlers at the bottom report: where the run is and where its last checkpoint is
 progress = dict(argv=[], rank=0, ddp=False, iter=0, ckpt="out/ckpt.pt", ckpt_iter=None)
 
@@ -61,7 +63,7 @@ def default_preset():
     """The preset a command line without one gets: the GPU baby GPT, or its CPU-sized version."""
     if torch.cuda.is_available():
         return "presets/shakespeare_char.toml"
-    return "presets/shakespeare_char_cpu.toml"
+    return f"presets/{CPU_PRESET}"
 
 
 def help_description(default):
@@ -271,6 +273,46 @@ def estimate_loss(model, splits, dtype, gen, cfg, ctx, device, rank, world):
     return out
 
 
+def duration(seconds):
+    """12s, 4m05s or 3h07m."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s // 60 % 60:02d}m"
+
+
+class Eta:
+    """Time since the start, and the time left at the mean step time (evaluations included) since
+    the first step of this process, which is left out: it compiles and warms up."""
+
+    def __init__(self, max_iters):
+        self.max_iters, self.start, self.warm = max_iters, time.perf_counter(), None
+
+    def step_done(self, iter_num):
+        if self.warm is None:
+            self.warm = (iter_num, time.perf_counter())
+
+    def left(self, iter_num):
+        """Seconds left after step iter_num; None before a step past the first was timed."""
+        if self.warm is None or iter_num <= self.warm[0]:
+            return None
+        per_step = (time.perf_counter() - self.warm[1]) / (iter_num - self.warm[0])
+        return per_step * (self.max_iters - iter_num - 1)
+
+    def text(self, iter_num):
+        left = self.left(iter_num)
+        eta = "" if left is None else f", ETA {duration(left)}"
+        return f"{duration(time.perf_counter() - self.start)} elapsed{eta}"
+
+
+def slow_cpu_warning(left, presets):
+    """One line when a CPU run would take long and the CPU preset is not in use; None otherwise."""
+    if left is None or left < LONG_CPU_RUN or CPU_PRESET in [Path(p).name for p in presets]:
+        return None
+    return (f"warning: at this speed the run ends in about {duration(left)} on the CPU; "
+            f"presets/{CPU_PRESET} trains a smaller model in minutes")
+
+
 def check_finite(bad_iter, bad_loss):
     """Stop, agreeing over all ranks, once a loss was nan or inf: nothing after it gets saved."""
     if dist.is_initialized():
@@ -415,6 +457,8 @@ def main(argv):
         model.record_attn_norms(True)  # before compiling: flipping it later recompiles
     raw_model = model
     if cfg.compile:
+        if master:
+            print("compiling the model: the first step takes longer (--compile=false skips this)")
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if kind == "cuda" else None)
@@ -429,6 +473,8 @@ def main(argv):
     bad_iter = torch.tensor(NOT_YET, device=device)  # first iteration whose loss was not finite
     bad_loss = torch.tensor(math.nan, device=device)
     t0, timed = time.perf_counter(), 0
+    eta = Eta(cfg.max_iters)
+    presets = split_argv(argv)[0] or [default_preset()]
     while True:
         progress["iter"] = iter_num
         record = {"iter": iter_num}
@@ -491,6 +537,11 @@ def main(argv):
         first_bad = ~loss_sum.isfinite() & (bad_iter == NOT_YET)  # kept on the device: no host sync here
         bad_iter, bad_loss = torch.where(first_bad, iter_num, bad_iter), torch.where(first_bad, loss_sum, bad_loss)
         timed += 1
+        eta.step_done(iter_num)
+        if master and kind == "cpu" and iter_num == first_iter + 3:  # after 3 timed steps
+            warning = slow_cpu_warning(eta.left(iter_num), presets)
+            if warning:
+                print(warning)
 
         if iter_num % cfg.log_interval == 0 or len(record) > 1:
             check_finite(bad_iter, bad_loss)
@@ -504,8 +555,10 @@ def main(argv):
                 record["attn_out_norm"] = raw_model.attn_out_norms()
             if master:
                 norms = f", attn out norm {' '.join(f'{n:.3f}' for n in record['attn_out_norm'])}" if cfg.log_attn_norm else ""
-                print(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                      f"{tokens_per_iter / dt:,.0f} tok/s, mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}{norms}")
+                done = f"{iter_num}/{cfg.max_iters} ({100 * (iter_num + 1) // cfg.max_iters}%)"
+                mfu_text = "" if mfu is None else f", mfu {mfu * 100:.1f}%"  # None: no known peak
+                print(f"iter {done}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                      f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}{norms}, {eta.text(iter_num)}")
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if wandb:

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -109,7 +110,9 @@ def test_a_few_steps_lower_the_loss(data_dir, tmp_path, attn):
     assert last["val_loss"] < first["val_loss"] - 0.4 and records[-2]["loss"] < first["loss"] - 0.4
     assert set(first) == {"iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "mfu", "train_loss", "val_loss"}
     assert first["mfu"] is None  # no known peak on a CPU
-    assert "iter 10: loss " in result.stdout and "mfu n/a" in result.stdout
+    assert re.search(r"^iter 10/60 \(18%\): loss [0-9.]+, lr [0-9.e+-]+, [0-9.]+ ms/iter, [0-9,]+ tok/s, "
+                     r"\d+s elapsed, ETA \d+s$", result.stdout, re.M), result.stdout
+    assert "mfu" not in result.stdout  # no line says "mfu n/a"
     assert f"best val loss {last['val_loss']:.4f}" in result.stdout and "sample of 20 tokens:" in result.stdout
     ckpt = load(tmp_path / "out" / "ckpt.pt")
     assert ckpt["iter_num"] == 60 and ckpt["model_args"]["attn"] == attn and ckpt["dataset_meta"]["name"] == "tiny"
@@ -181,6 +184,36 @@ def test_runs_that_differ_do_not_share_an_out_dir(data_dir, tmp_path):
     assert load(ckpt)["model_args"]["n_layer"] == 3
     line = error_line(run("--out_dir=out-{atn}"), code=2)
     assert "--out_dir='out-{atn}' names {atn}, which is not a config key" in line
+
+
+def first_lines_of(cmd, until, timeout=120):
+    """Run cmd until a stdout line contains `until`, then stop it: the lines up to that one."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, end = [], time.time() + timeout
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if until in line or time.time() > end:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    return lines
+
+
+def test_a_long_cpu_run_with_a_gpu_preset_warns_once_early(data_dir):
+    gpu_preset = command(data_dir, "unused", "--max_iters=10000000", "--eval_interval=10000000")
+    gpu_preset[2] = "presets/shakespeare_char.toml"
+    lines = first_lines_of(gpu_preset, "warning:")
+    assert re.fullmatch(r"warning: at this speed the run ends in about \d+h\d\dm on the CPU; "
+                        r"presets/shakespeare_char_cpu.toml trains a smaller model in minutes", lines[-1]), lines
+    assert [line.split(":")[0] for line in lines[-4:-1]] == [f"iter {i}/10000000 (0%)" for i in range(3)]
+    assert sum("warning" in line for line in lines) == 1
+
+
+def test_compiling_is_announced(data_dir, tmp_path):
+    lines = first_lines_of(command(data_dir, tmp_path / "out", "--compile=true"), "compiling")
+    assert lines[-1] == "compiling the model: the first step takes longer (--compile=false skips this)"
 
 
 # ----------------------------------------------------------------------------- interruptions and faults
