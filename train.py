@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import textwrap
 import time
@@ -359,6 +360,34 @@ def save_checkpoint(path, ckpt):
             tmp.unlink()
 
 
+def keep_as_best(ckpt_path, best_path):
+    """best.pt becomes the checkpoint just written: a hard link (no copy; ckpt.pt's next save
+    replaces its name, not the file), or a copy where links are not allowed; atomic either way."""
+    tmp = best_path.with_name(best_path.name + ".tmp")
+    try:
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            os.link(ckpt_path, tmp)
+        except OSError:
+            shutil.copyfile(ckpt_path, tmp)
+        os.replace(tmp, best_path)
+    except OSError as e:
+        raise TrainError(f"could not write {best_path} ({e.strerror or e}); {ckpt_path} is saved: "
+                         f"free some disk space or choose another --out_dir") from None
+
+
+def final_report(best_val_loss, saved, best_path, ckpt_path, eval_only):
+    """The last lines: the best val loss, and which file holds the best and which the latest model."""
+    lines = [f"best val loss {best_val_loss:.4f}"]
+    if not eval_only and "best" in saved:
+        lines[0] += f" (iter {saved['best'][0]}): {best_path}, the model sample.py reads"
+    if not eval_only and "latest" in saved:
+        it, loss = saved["latest"]
+        lines.append(f"latest: iter {it}, val loss {loss:.4f}: {ckpt_path}, which --init_from=resume continues")
+    return "\n".join(lines)
+
+
 def start_log(path, resume_iter):
     """A new run starts log.jsonl empty; a resumed one keeps the lines from before its checkpoint."""
     keep = []
@@ -405,7 +434,8 @@ def main(argv):
         dist.init_process_group(backend="nccl" if kind == "cuda" and cfg.backend == "nccl" else "gloo")
     out_dir = run_folder(cfg)
     cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
-    ckpt_path = out_dir / "ckpt.pt"
+    ckpt_path = out_dir / "ckpt.pt"  # the latest state: what --init_from=resume continues
+    best_path = out_dir / "best.pt"  # the lowest val loss so far: what sample.py reads
     progress["ckpt"] = ckpt_path
     if master and not cfg.eval_only:
         check_new_run(cfg, ckpt_path)
@@ -433,6 +463,7 @@ def main(argv):
     # on seed and step only, not on the number of ranks, and one saved state resumes them exactly.
     train_gen, eval_gen = torch.Generator().manual_seed(cfg.seed), torch.Generator().manual_seed(cfg.seed + 1)
     iter_num, best_val_loss = 0, math.inf
+    saved = {}  # {"latest" or "best": (iter, val loss)} of ckpt.pt and best.pt, for the last lines
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # group 0 decays: see configure_optimizers
@@ -441,6 +472,9 @@ def main(argv):
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss, rng = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["rng"]
+        saved["latest"] = (iter_num, ckpt.get("val_loss", math.nan))
+        if best_path.exists() and "best_iter" in ckpt:
+            saved["best"] = (ckpt["best_iter"], best_val_loss)
         if rank < len(rng["torch"]):  # a rank the saving run did not have keeps its fresh seed
             torch.set_rng_state(rng["torch"][rank])
             if kind == "cuda" and rank < len(rng.get("cuda", [])):
@@ -466,6 +500,8 @@ def main(argv):
     log_path = out_dir / "log.jsonl"
     if master and not cfg.eval_only:
         start_log(log_path, iter_num if resuming else None)
+        if not resuming:
+            best_path.unlink(missing_ok=True)  # an earlier run's, in the way of this one's
     if wandb:
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config_to_dict(cfg))
 
@@ -489,6 +525,7 @@ def main(argv):
             if bad:  # before anything is saved; the losses are all-reduced, so every rank stops here
                 raise not_finite(bad[0], iter_num)
             improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
+            best_iter = iter_num if improved else saved.get("best", (None,))[0]
             at_end = iter_num >= cfg.max_iters
             if iter_num > first_iter and not cfg.eval_only and (improved or cfg.always_save_checkpoint or at_end):
                 rng = rng_states(device)  # every rank takes part
@@ -499,8 +536,13 @@ def main(argv):
                         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                         "model_args": dataclasses.asdict(raw_model.config), "config": config_to_dict(cfg),
                         "dataset_meta": meta, "iter_num": iter_num, "best_val_loss": best_val_loss, "rng": rng,
+                        "val_loss": losses["val"], "best_iter": best_iter,
                         **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})})
-                    print(f"saved {ckpt_path}")
+                    saved["latest"] = (iter_num, losses["val"])
+                    if improved:
+                        keep_as_best(ckpt_path, best_path)
+                        saved["best"] = (iter_num, losses["val"])
+                    print(f"saved {ckpt_path}" + (f" and {best_path}" if improved else ""))
                 progress["ckpt_iter"] = iter_num
             t0, timed = time.perf_counter(), 0  # the timing below leaves evaluations out
         if cfg.eval_only or iter_num >= cfg.max_iters:
@@ -567,7 +609,7 @@ def main(argv):
         iter_num += 1
 
     if master:
-        print(f"best val loss {best_val_loss:.4f}")
+        print(final_report(best_val_loss, saved, best_path, ckpt_path, cfg.eval_only))
         if cfg.sample_tokens > 0:
             print_sample(raw_model, meta, cfg.sample_tokens, device, ctx)
     if wandb:

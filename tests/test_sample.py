@@ -72,15 +72,26 @@ def test_missing_checkpoint_is_one_line_exit_1(tmp_path, capsys):
 def test_without_out_dir_the_newest_run_here_is_sampled(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, err = run_main([], capsys)
-    assert code == 1 and err == (f"error: no run folder with a ckpt.pt in {tmp_path}: "
+    assert code == 1 and err == (f"error: no run folder with a checkpoint in {tmp_path}: "
                                  "train first with python train.py, or give --out_dir\n")
     write_checkpoint(tmp_path / "out-a-sigmoid", attn="sigmoid")
     write_checkpoint(tmp_path / "out-a-softmax")
     os.utime(tmp_path / "out-a-sigmoid" / "ckpt.pt", (1e9, 1e9))  # older than the softmax run
     sample.main(["--num_samples=1", "--max_new_tokens=3"])
     err = capsys.readouterr().err
-    assert err == ("sampling from out-a-softmax/ckpt.pt, the newest run here (--out_dir picks one); "
-                   "the others: out-a-sigmoid\n")
+    assert err == ("sampling from out-a-softmax/ckpt.pt, the newest run here (--out_dir picks one; "
+                   "the others: out-a-sigmoid)\n")
+
+
+def test_best_pt_is_preferred_and_named(tmp_path, capsys):
+    write_checkpoint(tmp_path)
+    (tmp_path / "ckpt.pt").rename(tmp_path / "best.pt")
+    (tmp_path / "ckpt.pt").write_text("not a checkpoint")  # so that reading it would fail
+    sample.main([f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=3"])
+    err = capsys.readouterr().err
+    assert err == f"sampling from {tmp_path / 'best.pt'} (the lowest val loss; --checkpoint=latest reads ckpt.pt)\n"
+    code, err = run_main([f"--out_dir={tmp_path}", "--checkpoint=latest"], capsys)
+    assert code == 1 and str(tmp_path / "ckpt.pt") in err
 
 
 @pytest.mark.parametrize("arg, message", [

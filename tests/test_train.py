@@ -272,6 +272,23 @@ def test_nan_loss_stops_with_one_line(data_dir, trained, tmp_path, eval_interval
     assert (out / "ckpt.pt").read_bytes() == before
 
 
+def test_the_end_of_a_run_keeps_the_best_checkpoint(data_dir, trained, tmp_path):
+    """ckpt.pt is the latest state (resume point), best.pt the lowest val loss; a worse end leaves
+    best.pt alone, and the last lines say which file holds which, with both losses."""
+    out = copy_of(trained, tmp_path)
+    best = load(out / "best.pt")
+    assert best["iter_num"] == 10 and best["best_iter"] == 10
+    result = train(data_dir, out, "--init_from=resume", "--max_iters=14", "--eval_interval=2",
+                   "--learning_rate=1", "--min_lr=1", "--warmup_iters=0")  # too high: val loss gets worse
+    assert result.returncode == 0, result.stderr
+    latest = load(out / "ckpt.pt")
+    assert latest["iter_num"] == 14 and load(out / "best.pt")["iter_num"] == 10
+    assert latest["val_loss"] > best["val_loss"] == latest["best_val_loss"]
+    assert result.stdout.strip().splitlines()[-2:] == [
+        f"best val loss {best['val_loss']:.4f} (iter 10): {out / 'best.pt'}, the model sample.py reads",
+        f"latest: iter 14, val loss {latest['val_loss']:.4f}: {out / 'ckpt.pt'}, which --init_from=resume continues"]
+
+
 def test_full_disk_keeps_the_old_checkpoint(data_dir, trained, tmp_path):
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full to simulate a full disk")
