@@ -8,6 +8,7 @@ LayerScale (Touvron et al. 2021, CaiT).
 import inspect
 import math
 import pickle
+import zipfile
 from dataclasses import dataclass, fields
 
 import torch
@@ -39,13 +40,26 @@ def resolve_device(name):
 def load_checkpoint_file(path, map_location="cpu"):
     """torch.load with weights_only=True: tensors and plain data only, so a checkpoint cannot run code."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror}") from None
+    if not head:
+        raise ModelLoadError(f"{path} is empty: point at a checkpoint written by train.py")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip file, or its older pickle
+        raise ModelLoadError(f"{path} is not a torch checkpoint: point at a checkpoint written by train.py")
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # torch.load would say "Invalid argument"
+        raise ModelLoadError(f"cannot read {path}: it is cut short or corrupt (no zip directory at its end): "
+                             "is it a complete checkpoint written by train.py?")
+    try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise ModelLoadError(f"refused {path}: it holds Python objects besides tensors and plain data, and loading "
-                             "those could run code; use a checkpoint written by train.py") from None
-    except Exception as e:  # truncated, or not a torch file at all
-        raise ModelLoadError(f"cannot read {path} ({' '.join(str(e).split())[:120]}): is it a complete "
-                             "checkpoint written by train.py?") from None
+        raise ModelLoadError(f"refused {path}: it holds Python objects besides tensors and plain data, and "
+                             "loading those could run code; use a checkpoint written by train.py") from None
+    except Exception as e:  # truncated or corrupt: torch's first sentence says what it found
+        reason = " ".join(str(e).split()).split(". ")[0].rstrip(".") or type(e).__name__
+        raise ModelLoadError(f"cannot read {path} ({reason}): is it a complete checkpoint written by "
+                             "train.py?") from None
 
 
 @dataclass

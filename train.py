@@ -174,11 +174,17 @@ def load_data(cfg, master):
     splits = {}
     for split in ("train", "val"):
         tokens = check_bin(folder, meta, split)
-        if len(tokens) <= cfg.block_size:
-            raise TrainError(f"{tokens.filename} has {len(tokens)} tokens, too few for block_size={cfg.block_size}: "
-                             f"use a smaller --block_size or more text")
+        if len(tokens) <= cfg.block_size:  # a sequence is block_size tokens and its next one
+            fix = (f"use --block_size={len(tokens) - 1} or less, or more text" if len(tokens) > 1
+                   else "prepare the dataset from more text")
+            raise TrainError(f"{tokens.filename} has {plural(len(tokens), 'token')}, too few for "
+                             f"block_size={cfg.block_size}: {fix}")
         splits[split] = (tokens.filename, len(tokens))
     return meta, splits
+
+
+def plural(n, word):
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 def get_batch(path, dtype, ix, block_size, device):
@@ -420,7 +426,7 @@ def main(argv):
     device, kind, dtype = pick_device(cfg, local_rank if ddp else None)
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the total over all ranks "
-                          f"and must be a multiple of the {world} ranks")
+                          f"and must be a multiple of the {plural(world, 'rank')}")
     accum = cfg.gradient_accumulation_steps // world  # micro-steps per rank
     wandb = None
     if cfg.wandb_log and master:
@@ -486,7 +492,7 @@ def main(argv):
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         print(f"{model.get_num_params() / 1e6:.2f}M parameters, attn={cfg.attn}, {device}, {dtype}, "
-              f"{tokens_per_iter:,} tokens per iteration ({world} ranks x {accum} x {cfg.batch_size} x {cfg.block_size})")
+              f"{tokens_per_iter:,} tokens per iteration ({plural(world, 'rank')} x {accum} x {cfg.batch_size} x {cfg.block_size})")
     if cfg.log_attn_norm:
         model.record_attn_norms(True)  # before compiling: flipping it later recompiles
     raw_model = model

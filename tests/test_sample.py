@@ -126,6 +126,22 @@ def test_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys):
     assert code == 1 and err.count("\n") == 1 and "another model version" in err
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"just some text\n", "is not a torch checkpoint: point at a checkpoint written by train.py"),
+    (b"", "is empty: point at a checkpoint written by train.py"),
+    ("half", "it is cut short or corrupt (no zip directory at its end): is it a complete checkpoint written "
+             "by train.py?"),
+])
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path, capsys, content, message):
+    write_checkpoint(tmp_path)
+    if content == "half":
+        whole = (tmp_path / "ckpt.pt").read_bytes()
+        content = whole[:len(whole) // 2]  # a copy cut short
+    (tmp_path / "ckpt.pt").write_bytes(content)
+    code, err = run_main([f"--out_dir={tmp_path}"], capsys)
+    assert code == 1 and err.count("\n") == 1 and message in err and "could run code" not in err, err
+
+
 class RunsCode:
     """Unpickling this would call os.system: a checkpoint must never be able to do that."""
 

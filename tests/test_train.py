@@ -323,6 +323,16 @@ def test_truncated_bin_is_one_line(data_dir, tmp_path):
     assert "train.bin is truncated or corrupt" in line and "--force" in line
 
 
+def test_too_few_tokens_gives_advice_that_works(tmp_path):
+    for n_chars, block_size, message in (
+            (20, 5, "val.bin has 2 tokens, too few for block_size=5: use --block_size=1 or less, or more text"),
+            (10, 1, "val.bin has 1 token, too few for block_size=1: prepare the dataset from more text")):
+        (tmp_path / "t.txt").write_text("abcdefghijklmnopqrstuvwxyz"[:n_chars])
+        prepare("short", tmp_path / "data", input_path=tmp_path / "t.txt", tokenizer="char")
+        line = error_line(train(tmp_path / "data", tmp_path / "out", "--dataset=short", f"--block_size={block_size}"))
+        assert line.endswith(message), line
+
+
 def test_resume_from_other_architecture_is_one_line(data_dir, trained, tmp_path):
     out = copy_of(trained, tmp_path)
     line = error_line(train(data_dir, out, "--init_from=resume", "--n_layer=3", "--attn=sigmoid"))
