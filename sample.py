@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from configurable import ConfigError, opt, parse_args
-from model import GPT, ModelLoadError, load_checkpoint_file, resolve_device
+from model import GPT, ModelLoadError, load_checkpoint_file, resolve_device, resolve_dtype
 from prepare_data import DataError, tokenizer_from_meta
 
 
@@ -84,17 +84,14 @@ def main(argv=None):
     try:
         check_config(cfg)
         device, device_type = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device_type)
     except ConfigError as e:  # a config mistake: exit 2, as parse_args does
         fail(e, code=2)
     path = find_checkpoint(cfg.out_dir, cfg.checkpoint)
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
     torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
 
     try:
         ckpt = load_checkpoint_file(path, map_location=device)

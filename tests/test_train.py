@@ -212,7 +212,7 @@ def test_a_long_cpu_run_with_a_gpu_preset_warns_once_early(data_dir):
 
 
 def test_compiling_is_announced(data_dir, tmp_path):
-    lines = first_lines_of(command(data_dir, tmp_path / "out", "--compile=true"), "compiling")
+    lines = first_lines_of(command(data_dir, tmp_path / "out", "--compile=true"), "compiling the")
     assert lines[-1] == "compiling the model: the first step takes longer (--compile=false skips this)"
 
 
@@ -467,11 +467,29 @@ def test_ddp_two_cpu_processes_match_one_process(data_dir, tmp_path):
     assert load(tmp_path / "two" / "ckpt.pt")["iter_num"] == 10
 
 
+FAIL_RANK_1 = """# runs train.py with rank 1's training step failing: all ranks must stop
+import os, sys
+sys.path.insert(0, {repo!r})
+import train
+
+def failing_step(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("rank 1 failing on purpose")
+    return real_step(*args, **kwargs)
+
+real_step, train.train_step = train.train_step, failing_step
+train.run(sys.argv[1:])
+"""
+
+
 def test_ddp_rank_failure_exits_all_ranks(data_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIGMOID_GPT_FAIL_RANK": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "fail_rank_1.py").write_text(FAIL_RANK_1.format(repo=str(REPO)))
+    cmd = command(data_dir, tmp_path / "out", "--max_iters=1000", "--gradient_accumulation_steps=2",
+                  launcher=TORCHRUN)
+    cmd[cmd.index("train.py")] = str(tmp_path / "fail_rank_1.py")
     start = time.time()
-    result = subprocess.run(command(data_dir, tmp_path / "out", "--max_iters=1000", "--gradient_accumulation_steps=2",
-                                    launcher=TORCHRUN),
+    result = subprocess.run(cmd,
                             cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode != 0
     assert "[rank 1]" in result.stderr and "failing on purpose" in result.stderr
