@@ -11,6 +11,7 @@ against its key's type, and a mistake is one line on stderr saying how to fix it
 import dataclasses
 import difflib
 import math
+import re
 import sys
 import tomllib
 import typing
@@ -29,7 +30,8 @@ def opt(default, help, choices=None):
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = opt("out", "folder for checkpoints and logs")
+    out_dir: str = opt("out-{attn}", "folder for checkpoints and logs; {key} becomes that key's value")
+    overwrite: bool = opt(False, "let a new run replace a checkpoint of another config in out_dir")
     eval_interval: int = opt(250, "estimate train/val loss every this many steps")
     log_interval: int = opt(10, "print the training loss every this many steps")
     eval_iters: int = opt(200, "batches averaged per loss estimate")
@@ -137,6 +139,20 @@ def _check(pairs, config_cls, where="", dash=""):
     return out
 
 
+def _toml_error(path, error):
+    """TOML's message, plus the fix for the likeliest slip: a string value without quotes."""
+    message = f"{path} is not valid TOML: {' '.join(str(error).split())}"
+    at = re.search(r"at line (\d+)", str(error))
+    if str(error).startswith("Invalid value") and at:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            line = f.read().splitlines()[int(at.group(1)) - 1]
+        bare = re.fullmatch(r"\s*([\w-]+)\s*=\s*([^\s#\"']+)\s*(#.*)?", line)
+        if bare:
+            key, value = bare.group(1), bare.group(2)
+            message += f"; a string needs quotes: {key} = \"{value}\""
+    return message
+
+
 def load_preset(path, config_cls=TrainConfig):
     """Read one TOML preset, a flat table of key = value, into {key: checked value}."""
     try:
@@ -146,7 +162,9 @@ def load_preset(path, config_cls=TrainConfig):
         raise ConfigError(f"preset file {path!r} not found") from None
     except OSError as e:
         raise ConfigError(f"cannot read preset file {path!r}: {e.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(_toml_error(path, e)) from None
+    except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {' '.join(str(e).split())}") from None
     for key, value in table.items():
         if isinstance(value, dict):

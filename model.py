@@ -8,6 +8,7 @@ LayerScale (Touvron et al. 2021, CaiT).
 import inspect
 import math
 import pickle
+import zipfile
 from dataclasses import dataclass, fields
 
 import torch
@@ -20,32 +21,6 @@ from configurable import ConfigError
 
 class ModelLoadError(RuntimeError):
     """A checkpoint or pretrained weights can't be loaded; the message is one line saying why."""
-
-
-def resolve_device(name):
-    """--device (auto, cpu, cuda, cuda:N or mps) -> (device, device type), checked against the hardware
-    for train.py and sample.py; raises ConfigError."""
-    device = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device expects auto, cpu, cuda, cuda:N or mps, got {name!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device={name} but torch {torch.__version__} sees no CUDA GPU: use --device=cpu or auto")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device=mps but MPS is not available here: use --device=cpu or auto")
-    return device, kind
-
-
-def load_checkpoint_file(path, map_location="cpu"):
-    """torch.load with weights_only=True: tensors and plain data only, so a checkpoint cannot run code."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise ModelLoadError(f"refused {path}: it holds Python objects besides tensors and plain data, and loading "
-                             "those could run code; use a checkpoint written by train.py") from None
-    except Exception as e:  # truncated, or not a torch file at all
-        raise ModelLoadError(f"cannot read {path} ({' '.join(str(e).split())[:120]}): is it a complete "
-                             "checkpoint written by train.py?") from None
 
 
 @dataclass
@@ -406,3 +381,55 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("Inf")))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1)
+
+
+def resolve_device(name):
+    """--device (auto, cpu, cuda, cuda:N or mps) -> (device, device type), checked against the hardware
+    for train.py and sample.py; raises ConfigError."""
+    device = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device expects auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name} but torch {torch.__version__} sees no CUDA GPU: use --device=cpu or auto")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device=mps but MPS is not available here: use --device=cpu or auto")
+    return device, kind
+
+
+def load_checkpoint_file(path, map_location="cpu"):
+    """torch.load with weights_only=True: tensors and plain data only, so a checkpoint cannot run code."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror}") from None
+    if not head:
+        raise ModelLoadError(f"{path} is empty: point at a checkpoint written by train.py")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip file, or its older pickle
+        raise ModelLoadError(f"{path} is not a torch checkpoint: point at a checkpoint written by train.py")
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # torch.load would say "Invalid argument"
+        raise ModelLoadError(f"cannot read {path}: it is cut short or corrupt (no zip directory at its end): "
+                             "is it a complete checkpoint written by train.py?")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelLoadError(f"refused {path}: it holds Python objects besides tensors and plain data, and "
+                             "loading those could run code; use a checkpoint written by train.py") from None
+    except Exception as e:  # truncated or corrupt: torch's first sentence says what it found
+        reason = " ".join(str(e).split()).split(". ")[0].rstrip(".") or type(e).__name__
+        raise ModelLoadError(f"cannot read {path} ({reason}): is it a complete checkpoint written by "
+                             "train.py?") from None
+
+
+def resolve_dtype(name, kind):
+    """--dtype (auto, float32, bfloat16 or float16) on a device type -> the dtype's name, for
+    train.py and sample.py: auto is bfloat16 where supported, else float16 on CUDA, float32 elsewhere;
+    raises ConfigError."""
+    bf16 = kind == "cuda" and torch.cuda.is_bf16_supported()
+    if name == "auto":
+        return ("bfloat16" if bf16 else "float16") if kind == "cuda" else "float32"
+    if name == "bfloat16" and kind == "cuda" and not bf16:
+        raise ConfigError(f"--dtype=bfloat16 but {torch.cuda.get_device_name()} lacks bfloat16: "
+                          "use --dtype=float16 or auto")
+    return name

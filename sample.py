@@ -1,7 +1,9 @@
 """Sample from a model trained by train.py.
 
-    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
+    python sample.py                      # the newest run folder here, e.g. out-shakespeare-char-cpu-sigmoid
+    python sample.py --out_dir=out-shakespeare-char-sigmoid --start="ROMEO:" --num_samples=3
 """
+import shlex
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -10,13 +12,15 @@ from pathlib import Path
 import torch
 
 from configurable import ConfigError, opt, parse_args
-from model import GPT, ModelLoadError, load_checkpoint_file, resolve_device
+from model import GPT, ModelLoadError, load_checkpoint_file, resolve_device, resolve_dtype
 from prepare_data import DataError, tokenizer_from_meta
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = opt("out", "folder holding ckpt.pt (train.py's --out_dir)")
+    out_dir: str = opt("", "train.py's --out_dir; empty = the newest run folder here")
+    checkpoint: str = opt("best", "best = best.pt (lowest val loss) where there is one, else ckpt.pt; "
+                                  "latest = ckpt.pt (the last saved)", choices=("best", "latest"))
     start: str = opt("\n", "the prompt, or FILE:path to read it from a file")
     num_samples: int = opt(10, "number of samples to draw")
     max_new_tokens: int = opt(500, "tokens generated per sample")
@@ -47,24 +51,47 @@ def check_config(cfg):
         raise ConfigError(f"--top_p must be more than 0 and at most 1 (1.0 = all tokens), got {cfg.top_p}")
 
 
+def find_checkpoint(out_dir, which):
+    """out_dir's best.pt (train.py's lowest val loss) or ckpt.pt (its latest); with no --out_dir,
+    the newest run among the folders here (train.py names them after the preset and attention
+    kind). Says on stderr which file it picked unless that is out_dir's only checkpoint."""
+    names = ("best.pt", "ckpt.pt") if which == "best" else ("ckpt.pt",)
+    note = ""
+    if out_dir:
+        folder = Path(out_dir)
+    else:
+        runs = sorted({p.parent for name in names for p in Path().glob(f"*/{name}")},
+                      key=lambda run: max(p.stat().st_mtime for p in run.glob("*.pt")))
+        if not runs:
+            fail(f"no run folder with a checkpoint in {Path.cwd()}: train first with python train.py, "
+                 f"or give --out_dir")
+        folder = runs[-1]
+        note = ", the newest run here (--out_dir picks one" + (
+            f"; the others: {', '.join(map(str, reversed(runs[:-1])))})" if len(runs) > 1 else ")")
+    path = next((folder / name for name in names if (folder / name).is_file()), None)
+    if path is None:
+        command = shlex.join(["python", "train.py", f"--out_dir={out_dir}"])
+        fail(f"no checkpoint at {folder / 'ckpt.pt'}: train first with {command}")
+    if path.name == "best.pt":
+        note = " (the lowest val loss; --checkpoint=latest reads ckpt.pt)" + note
+    if note:
+        print(f"sampling from {path}{note}", file=sys.stderr)
+    return path
+
+
 def main(argv=None):
     cfg = parse_args(argv, SampleConfig, prog="sample.py", description="Sample text from a trained checkpoint.")
     try:
         check_config(cfg)
         device, device_type = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device_type)
     except ConfigError as e:  # a config mistake: exit 2, as parse_args does
         fail(e, code=2)
-    path = Path(cfg.out_dir) / "ckpt.pt"
-    if not path.is_file():
-        fail(f"no checkpoint at {path}: train first with python train.py")
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    path = find_checkpoint(cfg.out_dir, cfg.checkpoint)
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
     torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
 
     try:
         ckpt = load_checkpoint_file(path, map_location=device)

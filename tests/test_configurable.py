@@ -154,6 +154,12 @@ def test_bad_toml(tmp_path, capsys):
     assert error_of([bad], capsys).startswith(f"error: {bad} is not valid TOML: ")
 
 
+def test_unquoted_string_in_preset_says_to_add_quotes(tmp_path, capsys):
+    bad = write(tmp_path, "bad.toml", "max_iters = 10\nattn = sigmoid  # the kind\n")
+    assert error_of([bad], capsys) == (f"error: {bad} is not valid TOML: Invalid value (at line 2, column 8); "
+                                       'a string needs quotes: attn = "sigmoid"')
+
+
 def test_unknown_key_in_preset_names_file(tmp_path, capsys):
     bad = write(tmp_path, "bad.toml", "n_layers = 4\n")
     assert error_of([bad], capsys) == f"error: {bad}: unknown config key 'n_layers'; did you mean 'n_layer'?"

@@ -62,7 +62,33 @@ def run_main(argv, capsys):
 def test_missing_checkpoint_is_one_line_exit_1(tmp_path, capsys):
     code, err = run_main([f"--out_dir={tmp_path / 'out'}"], capsys)
     assert code == 1
-    assert err == f"error: no checkpoint at {tmp_path / 'out' / 'ckpt.pt'}: train first with python train.py\n"
+    assert err == (f"error: no checkpoint at {tmp_path / 'out' / 'ckpt.pt'}: "
+                   f"train first with python train.py --out_dir={tmp_path / 'out'}\n")
+
+
+def test_without_out_dir_the_newest_run_here_is_sampled(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main([], capsys)
+    assert code == 1 and err == (f"error: no run folder with a checkpoint in {tmp_path}: "
+                                 "train first with python train.py, or give --out_dir\n")
+    write_checkpoint(tmp_path / "out-a-sigmoid", attn="sigmoid")
+    write_checkpoint(tmp_path / "out-a-softmax")
+    os.utime(tmp_path / "out-a-sigmoid" / "ckpt.pt", (1e9, 1e9))  # older than the softmax run
+    sample.main(["--num_samples=1", "--max_new_tokens=3"])
+    err = capsys.readouterr().err
+    assert err == ("sampling from out-a-softmax/ckpt.pt, the newest run here (--out_dir picks one; "
+                   "the others: out-a-sigmoid)\n")
+
+
+def test_best_pt_is_preferred_and_named(tmp_path, capsys):
+    write_checkpoint(tmp_path)
+    (tmp_path / "ckpt.pt").rename(tmp_path / "best.pt")
+    (tmp_path / "ckpt.pt").write_text("not a checkpoint")  # so that reading it would fail
+    sample.main([f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=3"])
+    err = capsys.readouterr().err
+    assert err == f"sampling from {tmp_path / 'best.pt'} (the lowest val loss; --checkpoint=latest reads ckpt.pt)\n"
+    code, err = run_main([f"--out_dir={tmp_path}", "--checkpoint=latest"], capsys)
+    assert code == 1 and str(tmp_path / "ckpt.pt") in err
 
 
 @pytest.mark.parametrize("arg, message", [
@@ -95,6 +121,22 @@ def test_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys):
     torch.save(ckpt, tmp_path / "ckpt.pt")
     code, err = run_main([f"--out_dir={tmp_path}"], capsys)
     assert code == 1 and err.count("\n") == 1 and "another model version" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"just some text\n", "is not a torch checkpoint: point at a checkpoint written by train.py"),
+    (b"", "is empty: point at a checkpoint written by train.py"),
+    ("half", "it is cut short or corrupt (no zip directory at its end): is it a complete checkpoint written "
+             "by train.py?"),
+])
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path, capsys, content, message):
+    write_checkpoint(tmp_path)
+    if content == "half":
+        whole = (tmp_path / "ckpt.pt").read_bytes()
+        content = whole[:len(whole) // 2]  # a copy cut short
+    (tmp_path / "ckpt.pt").write_bytes(content)
+    code, err = run_main([f"--out_dir={tmp_path}"], capsys)
+    assert code == 1 and err.count("\n") == 1 and message in err and "could run code" not in err, err
 
 
 class RunsCode:

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -110,7 +111,9 @@ def test_a_few_steps_lower_the_loss(data_dir, tmp_path, attn):
     assert last["val_loss"] < first["val_loss"] - 0.4 and records[-2]["loss"] < first["loss"] - 0.4
     assert set(first) == {"iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "mfu", "train_loss", "val_loss"}
     assert first["mfu"] is None  # no known peak on a CPU
-    assert "iter 10: loss " in result.stdout and "mfu n/a" in result.stdout
+    assert re.search(r"^iter 10/60 \(18%\): loss [0-9.]+, lr [0-9.e+-]+, [0-9.]+ ms/iter, [0-9,]+ tok/s, "
+                     r"\d+s elapsed, ETA \d+s$", result.stdout, re.M), result.stdout
+    assert "mfu" not in result.stdout  # no line says "mfu n/a"
     assert f"best val loss {last['val_loss']:.4f}" in result.stdout and "sample of 20 tokens:" in result.stdout
     ckpt = load(tmp_path / "out" / "ckpt.pt")
     assert ckpt["iter_num"] == 60 and ckpt["model_args"]["attn"] == attn and ckpt["dataset_meta"]["name"] == "tiny"
@@ -157,6 +160,61 @@ def test_default_preset_and_dataset_are_prepared(tmp_path):
     assert "no preset given: using presets/shakespeare_char" in result.stdout
     assert (tmp_path / "data" / "shakespeare_char" / "meta.json").is_file()
     assert "sample of 5 tokens:" in result.stdout
+
+
+def test_runs_that_differ_do_not_share_an_out_dir(data_dir, tmp_path):
+    """The preset's out_dir names the attention kind, so --attn=sigmoid then --attn=softmax leave two
+    runs; a new run into a folder holding another config's checkpoint stops unless --overwrite."""
+    def run(*args):  # no --out_dir: the preset's, relative to the working directory
+        cmd = [sys.executable, str(REPO / "train.py"), str(REPO / "presets/shakespeare_char_cpu.toml"), *TINY,
+               "--dataset=tiny", f"--data_dir={data_dir}", "--max_iters=2", "--eval_interval=2", *args]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    for attn in ("sigmoid", "softmax"):
+        assert run(f"--attn={attn}").returncode == 0
+    for attn in ("sigmoid", "softmax"):
+        assert load(tmp_path / f"out-shakespeare-char-cpu-{attn}" / "ckpt.pt")["model_args"]["attn"] == attn
+    ckpt = tmp_path / "out-shakespeare-char-cpu-sigmoid" / "ckpt.pt"
+    before = ckpt.read_bytes()
+    line = error_line(run("--attn=sigmoid", "--n_layer=3", "--learning_rate=1e-3"))
+    assert line == ("error: out-shakespeare-char-cpu-sigmoid/ckpt.pt holds another run (n_layer=2, learning_rate=0.003; this run: n_layer=3, "
+                    "learning_rate=0.001): choose another --out_dir, or add --overwrite to replace it")
+    assert ckpt.read_bytes() == before
+    assert run("--attn=sigmoid", "--max_iters=2").returncode == 0  # the same config again: a rerun
+    assert run("--attn=sigmoid", "--n_layer=3", "--overwrite").returncode == 0
+    assert load(ckpt)["model_args"]["n_layer"] == 3
+    line = error_line(run("--out_dir=out-{atn}"), code=2)
+    assert "--out_dir='out-{atn}' names {atn}, which is not a config key" in line
+
+
+def first_lines_of(cmd, until, timeout=120):
+    """Run cmd until a stdout line contains `until`, then stop it: the lines up to that one."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, end = [], time.time() + timeout
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if until in line or time.time() > end:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    return lines
+
+
+def test_a_long_cpu_run_with_a_gpu_preset_warns_once_early(data_dir):
+    gpu_preset = command(data_dir, "unused", "--max_iters=10000000", "--eval_interval=10000000")
+    gpu_preset[2] = "presets/shakespeare_char.toml"
+    lines = first_lines_of(gpu_preset, "warning:")
+    assert re.fullmatch(r"warning: at this speed the run ends in about \d+h\d\dm on the CPU; "
+                        r"presets/shakespeare_char_cpu.toml trains a smaller model in minutes", lines[-1]), lines
+    assert [line.split(":")[0] for line in lines[-4:-1]] == [f"iter {i}/10000000 (0%)" for i in range(3)]
+    assert sum("warning" in line for line in lines) == 1
+
+
+def test_compiling_is_announced(data_dir, tmp_path):
+    lines = first_lines_of(command(data_dir, tmp_path / "out", "--compile=true"), "compiling the")
+    assert lines[-1] == "compiling the model: the first step takes longer (--compile=false skips this)"
 
 
 # ----------------------------------------------------------------------------- interruptions and faults
@@ -215,6 +273,23 @@ def test_nan_loss_stops_with_one_line(data_dir, trained, tmp_path, eval_interval
     assert (out / "ckpt.pt").read_bytes() == before
 
 
+def test_the_end_of_a_run_keeps_the_best_checkpoint(data_dir, trained, tmp_path):
+    """ckpt.pt is the latest state (resume point), best.pt the lowest val loss; a worse end leaves
+    best.pt alone, and the last lines say which file holds which, with both losses."""
+    out = copy_of(trained, tmp_path)
+    best = load(out / "best.pt")
+    assert best["iter_num"] == 10 and best["best_iter"] == 10
+    result = train(data_dir, out, "--init_from=resume", "--max_iters=14", "--eval_interval=2",
+                   "--learning_rate=1", "--min_lr=1", "--warmup_iters=0")  # too high: val loss gets worse
+    assert result.returncode == 0, result.stderr
+    latest = load(out / "ckpt.pt")
+    assert latest["iter_num"] == 14 and load(out / "best.pt")["iter_num"] == 10
+    assert latest["val_loss"] > best["val_loss"] == latest["best_val_loss"]
+    assert result.stdout.strip().splitlines()[-2:] == [
+        f"best val loss {best['val_loss']:.4f} (iter 10): {out / 'best.pt'}, the model sample.py reads",
+        f"latest: iter 14, val loss {latest['val_loss']:.4f}: {out / 'ckpt.pt'}, which --init_from=resume continues"]
+
+
 def test_full_disk_keeps_the_old_checkpoint(data_dir, trained, tmp_path):
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full to simulate a full disk")
@@ -247,6 +322,16 @@ def test_truncated_bin_is_one_line(data_dir, tmp_path):
     train_bin.write_bytes(train_bin.read_bytes()[:-1])
     line = error_line(train(tmp_path / "data", tmp_path / "out"))
     assert "train.bin is truncated or corrupt" in line and "--force" in line
+
+
+def test_too_few_tokens_gives_advice_that_works(tmp_path):
+    for n_chars, block_size, message in (
+            (20, 5, "val.bin has 2 tokens, too few for block_size=5: use --block_size=1 or less, or more text"),
+            (10, 1, "val.bin has 1 token, too few for block_size=1: prepare the dataset from more text")):
+        (tmp_path / "t.txt").write_text("abcdefghijklmnopqrstuvwxyz"[:n_chars])
+        prepare("short", tmp_path / "data", input_path=tmp_path / "t.txt", tokenizer="char")
+        line = error_line(train(tmp_path / "data", tmp_path / "out", "--dataset=short", f"--block_size={block_size}"))
+        assert line.endswith(message), line
 
 
 def test_resume_from_other_architecture_is_one_line(data_dir, trained, tmp_path):
@@ -353,6 +438,12 @@ def test_out_of_range_value_exit_2(data_dir, tmp_path, arg, message):
 def test_help_lists_keys():
     result = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--attn=<str>" in result.stdout and "--init_from=<str>" in result.stdout
+    help_text = " ".join(result.stdout.split())
+    preset = "shakespeare_char" if torch.cuda.is_available() else "shakespeare_char_cpu"
+    assert f"With no preset given, presets/{preset}.toml is applied first" in help_text
+    if preset == "shakespeare_char_cpu":
+        assert "It sets out_dir=out-shakespeare-char-cpu-{attn}, eval_iters=20," in help_text
+    assert "The defaults listed below are those before any preset." in help_text
 
 
 # ----------------------------------------------------------------------------- DDP on CPU (gloo)
@@ -379,11 +470,29 @@ def test_ddp_two_cpu_processes_match_one_process(data_dir, tmp_path):
     assert load(tmp_path / "two" / "ckpt.pt")["iter_num"] == 10
 
 
+FAIL_RANK_1 = """# runs train.py with rank 1's training step failing: all ranks must stop
+import os, sys
+sys.path.insert(0, {repo!r})
+import train
+
+def failing_step(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("rank 1 failing on purpose")
+    return real_step(*args, **kwargs)
+
+real_step, train.train_step = train.train_step, failing_step
+train.run(sys.argv[1:])
+"""
+
+
 def test_ddp_rank_failure_exits_all_ranks(data_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIGMOID_GPT_FAIL_RANK": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "fail_rank_1.py").write_text(FAIL_RANK_1.format(repo=str(REPO)))
+    cmd = command(data_dir, tmp_path / "out", "--max_iters=1000", "--gradient_accumulation_steps=2",
+                  launcher=TORCHRUN)
+    cmd[cmd.index("train.py")] = str(tmp_path / "fail_rank_1.py")
     start = time.time()
-    result = subprocess.run(command(data_dir, tmp_path / "out", "--max_iters=1000", "--gradient_accumulation_steps=2",
-                                    launcher=TORCHRUN),
+    result = subprocess.run(cmd,
                             cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode != 0
     assert "[rank 1]" in result.stderr and "failing on purpose" in result.stderr
