@@ -12,8 +12,9 @@ Backward recomputes P from Q and K:
 One program per key block accumulates dK and dV (over every query head of its group, for
 grouped-query attention) and adds its share of dQ into an fp32 buffer with atomic adds: 5 matmuls
 per tile (S, dP, dV, dK, dQ). Atomic adds land in any order, so dQ's last bits vary from run to run;
-under torch.use_deterministic_algorithms(True) a second kernel, one program per query block,
-recomputes P and accumulates dQ in a fixed order instead (7 matmuls per tile).
+below head dim 128 (where the atomics measured slower) and under torch.use_deterministic_algorithms(True)
+a second kernel, one program per query block, recomputes P and accumulates dQ in a fixed order
+instead (7 matmuls per tile).
 
 Attention dropout (training, as SDPA's dropout_p): P_drop = P * keep / (1 - p) with keep drawn by
 an integer hash of (seed, batch*head, query, key), so the backward regenerates the forward's mask; then
@@ -37,6 +38,10 @@ except ImportError:  # the PyTorch reference below still works
     triton = None
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+# dQ fused into the dK/dV kernel (atomic adds) from this head dim up. Measured on an H200, fwd+bwd
+# against the two-kernel backward (results/kernel_speed.md): +4-5% at D=128, T=4096; 0.87-0.98x
+# at D=64 (GPT-2's T=1024 causal: 0.91x), where the fp32 atomics cost more than the matmuls saved.
+FUSE_DQ_MIN_HEAD_DIM = 128
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on the CPU, no inline asm there
 # tanh.approx.f32: one special-function op per score; the interpreter uses tl.sigmoid instead
 FAST_SIGMOID = not INTERPRET
@@ -461,8 +466,9 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     sigmoid' = P (1 - P), so dS = P (1 - P) dP needs only the score's own P and dP: nothing is saved
     from the forward but its inputs, and no pass over O runs first.
 
-    dQ: added atomically by the dK/dV kernel (5 matmuls, last bits not reproducible), or, when
-    torch.are_deterministic_algorithms_enabled(), by its own kernel in a fixed order (7 matmuls).
+    dQ: added atomically by the dK/dV kernel at head dims >= FUSE_DQ_MIN_HEAD_DIM (5 matmuls, last
+    bits not reproducible), else, and always when torch.are_deterministic_algorithms_enabled(), by its
+    own kernel in a fixed order (7 matmuls).
     """
     B, H, T, D = q.shape
     H_kv = k.shape[1]
@@ -474,7 +480,7 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     # without bias_grad an unwritten placeholder: no fill kernel to launch (host time counts at short T)
     dbias_partial = (torch.zeros if bias_grad else torch.empty)(
         (triton.cdiv(T, 16), B, H) if bias_grad else (1,), device=q.device, dtype=torch.float32)
-    fuse_dq = not torch.are_deterministic_algorithms_enabled()
+    fuse_dq = D >= FUSE_DQ_MIN_HEAD_DIM and not torch.are_deterministic_algorithms_enabled()
     dq_acc = (torch.zeros if fuse_dq else torch.empty)(  # without fuse_dq an unwritten placeholder
         (B, H, T, D) if fuse_dq else (1, 1, 1), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)

@@ -43,8 +43,10 @@ def poison_cache():
 def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, dropout=0.0, fast=True, deterministic=False):
     """Max relative error of out, dq, dk, dv (and d bias) against the reference run in float64
     (with dropout: the reference applies the kernel's own mask, rewritten in torch). deterministic:
-    the backward under torch.use_deterministic_algorithms (dQ from its own kernel, not atomics)."""
-    fs.FAST_SIGMOID = fast
+    the backward under torch.use_deterministic_algorithms (dQ from its own kernel, not atomics);
+    otherwise dQ is fused at every head dim, so both backwards are checked everywhere."""
+    fs.FAST_SIGMOID, fuse_from = fast, fs.FUSE_DQ_MIN_HEAD_DIM
+    fs.FUSE_DQ_MIN_HEAD_DIM = 0
     q = torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (torch.randn(B, H_kv, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     bias = torch.linspace(-math.log(T), -1.0, H, device="cuda").requires_grad_(learnable)
@@ -58,7 +60,7 @@ def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, dropout=0.0, f
         grads = torch.autograd.grad(out, [q, k, v] + ([bias] if learnable else []), do)
     finally:
         torch.use_deterministic_algorithms(False)
-        fs.FAST_SIGMOID = True
+        fs.FAST_SIGMOID, fs.FUSE_DQ_MIN_HEAD_DIM = True, fuse_from
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
     keep = dropout_keep_mask(seed, B, H, T, dropout).cuda() if dropout else None
     ref = fs.sigmoid_attention_reference(*ref_in[:3], causal, ref_in[3], None,

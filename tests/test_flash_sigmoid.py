@@ -35,9 +35,10 @@ def poisoned_outputs():
 
 
 @pytest.fixture(params=["fused dq", "deterministic"])
-def backward_path(request):
-    """Both backwards: dQ added atomically by the dK/dV kernel, and (under torch's deterministic
-    mode) dQ from its own kernel."""
+def backward_path(request, monkeypatch):
+    """Both backwards, at every head dim: dQ added atomically by the dK/dV kernel, and (under torch's
+    deterministic mode) dQ from its own kernel."""
+    monkeypatch.setattr(fs, "FUSE_DQ_MIN_HEAD_DIM", 0)
     deterministic = request.param == "deterministic"
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
@@ -46,6 +47,7 @@ def backward_path(request):
 
 
 def test_deterministic_mode_chooses_the_dq_kernel(monkeypatch):
+    monkeypatch.setattr(fs, "FUSE_DQ_MIN_HEAD_DIM", 0)
     launches = []
     kernel = fs._bwd_dq_kernel
     monkeypatch.setattr(fs, "_bwd_dq_kernel", type("Counted", (), {
@@ -55,6 +57,17 @@ def test_deterministic_mode_chooses_the_dq_kernel(monkeypatch):
     assert not launches
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     assert rel_err(torch.autograd.grad(fs.flash_sigmoid(q, k, v).sum(), q)[0], fused) < 1e-6 and len(launches) == 1
+
+
+def test_dq_is_fused_only_from_the_measured_head_dim(monkeypatch):
+    launches = []
+    kernel = fs._bwd_dq_kernel
+    monkeypatch.setattr(fs, "_bwd_dq_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    for D in (fs.FUSE_DQ_MIN_HEAD_DIM // 2, fs.FUSE_DQ_MIN_HEAD_DIM):
+        q, k, v = (t.requires_grad_() for t in make_inputs(1, 1, 1, 9, D, torch.float32, 4))
+        torch.autograd.grad(fs.flash_sigmoid(q, k, v).sum(), q)
+    assert len(launches) == 1  # the smaller head dim only
 
 
 CASES = [  # B, H, H_kv, T, D, causal, dtype, alibi, learnable bias
