@@ -8,6 +8,7 @@ al. 2024, "Theory, Analysis, and Best Practices for Sigmoid Self-Attention". Pos
 (GPT-2's wpe, added in model.py), 'rope' (rotary, Su et al. 2021) or 'alibi' (Press et al. 2022).
 """
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -46,8 +47,8 @@ def check_attention_config(cfg):
     """Refuse attention settings that can't work; each ConfigError is one line saying how to fix it.
 
     cfg: a TrainConfig or GPTConfig. The sigmoid-only keys (sigmoid_bias, sigmoid_backend) are
-    ignored with attn=softmax, so an ablation can flip attn alone; sigmoid_bias must still be a
-    valid value there, since a typo is a typo.
+    ignored with attn=softmax, so an ablation can flip attn alone, and a non-default one prints one
+    warning line on stderr; sigmoid_bias must still be a valid value there, since a typo is a typo.
     """
     if cfg.attn not in ("softmax", "sigmoid"):
         raise ConfigError(f"--attn expects softmax or sigmoid, got {cfg.attn!r}")
@@ -69,6 +70,9 @@ def check_attention_config(cfg):
     except (TypeError, ValueError):
         raise ConfigError(f"--sigmoid_bias expects auto, learnable or a number like -5.5, "
                           f"got {cfg.sigmoid_bias!r}") from None
+    unused = [f"--{key}={getattr(cfg, key)}" for key in ("sigmoid_bias", "sigmoid_backend") if getattr(cfg, key) != "auto"]
+    if cfg.attn == "softmax" and unused:
+        print(f"warning: {' '.join(unused)} only apply to sigmoid attention: ignored with --attn=softmax", file=sys.stderr)
     if cfg.attn == "sigmoid" and cfg.sigmoid_backend == "triton":
         why = triton_unusable_reason(head_dim, getattr(cfg, "device", "auto"))
         if why:

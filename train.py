@@ -39,7 +39,7 @@ from prepare_data import DataError, check_bin, load_meta, prepare, tokenizer_fro
 HERE = Path(__file__).resolve().parent
 NOT_YET = 2**62  # the on-device "first iteration with a non-finite loss" before there is one
 RESUME_MAY_CHANGE = ("dropout", "sigmoid_backend")  # model keys that leave the weights as they are
-GPT2_SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "bias")  # set by the weights for init_from=gpt2*
+GPT2_SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "bias", "pos_emb", "qk_norm")  # set by the weights for init_from=gpt2*
 # what the error handlers at the bottom report: where the run is and where its last checkpoint is
 progress = dict(argv=[], rank=0, ddp=False, iter=0, ckpt="out/ckpt.pt", ckpt_iter=None)
 
