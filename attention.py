@@ -155,6 +155,9 @@ class CausalSelfAttention(nn.Module):
         # QK-norm (the sigmoid-attention paper's recipe): bounds the scores, which keeps early sigmoid attention stable
         self.q_norm = nn.LayerNorm(self.head_dim, bias=config.bias) if config.qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, bias=config.bias) if config.qk_norm else nn.Identity()
+        # with QK-norm a score q.k/sqrt(hd) is at most sqrt(hd) (LayerNorm gains at 1): a learned per-head
+        # factor on the scores, starting at 1, lifts that ceiling faster than the per-channel gains
+        self.qk_scale = nn.Parameter(torch.ones(self.n_head)) if config.qk_scale == "learnable" else None
         if self.pos_emb == "rope":  # tables are derived, not learned: kept out of the state dict
             cos, sin = rope_cos_sin(config.block_size, self.head_dim)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -187,6 +190,8 @@ class CausalSelfAttention(nn.Module):
         if self.pos_emb == "rope":
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_scale is not None:
+            q = q * self.qk_scale.view(1, -1, 1, 1)  # (B, nh, T, hd): scales every score of head h
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, n_kv, start + T, hd): every key so far
         y = self.softmax_attention(q, k, v) if self.attn == "softmax" else self.sigmoid_attention(q, k, v)

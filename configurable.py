@@ -64,6 +64,9 @@ class TrainConfig:
                                choices=("auto", "triton", "torch"))
     qk_norm: bool = opt(True, "normalise queries and keys before their dot product (both kinds): bounds sigmoid's early "
                               "scores, the paper's recipe; false for nanoGPT/GPT-2")
+    qk_scale: str = opt("fixed", "scores q.k/sqrt(head_dim) as they are (fixed) or times a learned per-head factor "
+                                 "starting at 1 (learnable), which lifts QK-norm's ceiling of sqrt(head_dim)",
+                        choices=("fixed", "learnable"))
     layerscale: bool = opt(False, "scale each residual branch by a learned per-channel factor")
     layerscale_init: float = opt(1e-4, "initial LayerScale factor")
     hybrid_norm: bool = opt(False, "also normalise each attention output before the residual add")

@@ -48,6 +48,10 @@ def load_checkpoint_file(path, map_location="cpu"):
                              "checkpoint written by train.py?") from None
 
 
+# model keys added after checkpoints were written without them, with the value that means the old model
+LATER_KEYS = {"qk_scale": "fixed"}
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024
@@ -62,6 +66,7 @@ class GPTConfig:
     sigmoid_bias: str = "auto"  # auto (= -log(block_size)) | learnable | a number
     sigmoid_backend: str = "auto"  # auto | triton | torch
     qk_norm: bool = True  # the sigmoid recipe's, for both kinds (GPT-2 has none)
+    qk_scale: str = "fixed"  # fixed (1/sqrt(head_dim)) | learnable (times a learned per-head factor)
     layerscale: bool = False
     layerscale_init: float = 1e-4
     hybrid_norm: bool = False
@@ -205,11 +210,12 @@ class GPT(nn.Module):
         sigmoid_backend or dropout. Raises ModelLoadError (one line) for a checkpoint that doesn't fit."""
         if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
             raise ModelLoadError("not a train.py checkpoint (no model_args or model): check the path")
-        expected, got = {f.name for f in fields(GPTConfig)}, set(ckpt["model_args"])
+        model_args = {**LATER_KEYS, **ckpt["model_args"]}
+        expected, got = {f.name for f in fields(GPTConfig)}, set(model_args)
         if got != expected:
             raise ModelLoadError(f"checkpoint is from another model version (model_args unknown: {sorted(got - expected)}, "
                                  f"missing: {sorted(expected - got)}): use the code that wrote it, or train again")
-        model = cls(GPTConfig(**{**ckpt["model_args"], **(override_args or {})}))
+        model = cls(GPTConfig(**{**model_args, **(override_args or {})}))
         # torch.compile saves the weights under '_orig_mod.'
         state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
         own = model.state_dict()

@@ -263,3 +263,21 @@ def test_sigmoid_only_flags_on_softmax_warn_in_one_line(changes, shown, capsys):
     check_attention_config(dataclasses.replace(TrainConfig(), attn="sigmoid", **changes))  # used there: no warning
     check_attention_config(dataclasses.replace(TrainConfig(), attn="softmax"))  # defaults: no warning
     assert capsys.readouterr().err == ""
+
+
+def test_learnable_qk_scale_multiplies_every_score_of_its_head():
+    """qk_scale = c is the same layer as one whose query norm gains (shared by the heads) are c times larger."""
+    torch.manual_seed(0)
+    for attn in ("softmax", "sigmoid"):
+        scaled = CausalSelfAttention(tiny_config(attn=attn, qk_scale="learnable")).eval()
+        plain = CausalSelfAttention(tiny_config(attn=attn)).eval()
+        plain.load_state_dict({k: v for k, v in scaled.state_dict().items() if k != "qk_scale"})
+        with torch.no_grad():
+            scaled.qk_scale.fill_(2.5)
+            plain.q_norm.weight.mul_(2.5)
+            plain.q_norm.bias.mul_(2.5)
+        x = torch.randn(2, 12, 32)
+        torch.testing.assert_close(scaled(x), plain(x))
+        scaled.train()
+        scaled(x).sum().backward()
+        assert scaled.qk_scale.grad.abs().min() > 0  # every head's factor learns

@@ -200,3 +200,13 @@ def test_from_pretrained_takes_gpt2s_positions_and_qk_norm_with_a_note(monkeypat
     assert model.config.pos_emb == "learned" and not model.config.qk_norm and model.config.block_size == 64
     assert model.transformer.wpe.weight[:, 0].tolist() == list(range(64))  # GPT-2's positions, cropped
     assert not any("q_norm" in k for k in model.state_dict())
+
+
+def test_checkpoint_without_a_later_key_loads_as_the_old_model():
+    model = GPT(tiny_config()).eval()
+    ckpt = checkpoint_of(model)
+    del ckpt["model_args"]["qk_scale"]  # written before qk_scale existed
+    again = GPT.from_checkpoint(ckpt).eval()
+    assert again.config.qk_scale == "fixed"
+    idx = torch.randint(0, 65, (2, 16))
+    torch.testing.assert_close(again(idx, idx)[0], model(idx, idx)[0], rtol=0, atol=0)
