@@ -72,7 +72,7 @@ def check_attention_config(cfg):
                           f"got {cfg.sigmoid_bias!r}") from None
     unused = [f"--{key}={getattr(cfg, key)}" for key in ("sigmoid_bias", "sigmoid_backend") if getattr(cfg, key) != "auto"]
     if cfg.attn == "softmax" and unused:
-        print(f"warning: {' '.join(unused)} only apply to sigmoid attention: ignored with --attn=softmax", file=sys.stderr)
+        print(f"warning: {', '.join(unused)} ignored: for sigmoid attention only, and this is --attn=softmax", file=sys.stderr)
     if cfg.attn == "sigmoid" and cfg.sigmoid_backend == "triton":
         why = triton_unusable_reason(head_dim, getattr(cfg, "device", "auto"))
         if why:

@@ -55,9 +55,10 @@ class TrainConfig:
     dropout: float = opt(0.2, "dropout probability (embeddings, residual branches and attention weights, softmax and sigmoid alike); 0.0 for pretraining, 0.1+ for finetuning")
     bias: bool = opt(False, "bias in Linear and LayerNorm layers (GPT-2 has them)")
     # attention
-    attn: str = opt("softmax", "attention kind; sigmoid by default is the sigmoid-attention paper's recipe (Ramapuram et al. "
-                               "2024): sigmoid(QK^T/sqrt(d) - log(block_size))V with QK-norm and RoPE, which matches softmax; "
-                               "with the same QK-norm and RoPE, 'everything else equal' holds", choices=("softmax", "sigmoid"))
+    attn: str = opt("softmax", "attention kind; the default sigmoid is the paper's recipe (Ramapuram et al. 2024), "
+                               "sigmoid(QK^T/sqrt(d) - log(block_size))V with QK-norm and RoPE, which keeps early attention "
+                               "bounded and matched softmax at block 256; softmax gets the same QK-norm and RoPE",
+                    choices=("softmax", "sigmoid"))
     sigmoid_bias: str = opt("auto", "sigmoid attention bias: 'auto' = -log(block_size), 'learnable' = one learned "
                                     "bias per head starting at -log(block_size), or a number like -5.5 or 0")
     sigmoid_backend: str = opt("auto", "sigmoid attention implementation; auto = Triton kernel on CUDA, else torch",
