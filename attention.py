@@ -8,6 +8,7 @@ al. 2024, "Theory, Analysis, and Best Practices for Sigmoid Self-Attention". Pos
 (GPT-2's wpe, added in model.py), 'rope' (rotary, Su et al. 2021) or 'alibi' (Press et al. 2022).
 """
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -46,8 +47,8 @@ def check_attention_config(cfg):
     """Refuse attention settings that can't work; each ConfigError is one line saying how to fix it.
 
     cfg: a TrainConfig or GPTConfig. The sigmoid-only keys (sigmoid_bias, sigmoid_backend) are
-    ignored with attn=softmax, so an ablation can flip attn alone; sigmoid_bias must still be a
-    valid value there, since a typo is a typo.
+    ignored with attn=softmax, so an ablation can flip attn alone, and a non-default one prints one
+    warning line on stderr; sigmoid_bias must still be a valid value there, since a typo is a typo.
     """
     if cfg.attn not in ("softmax", "sigmoid"):
         raise ConfigError(f"--attn expects softmax or sigmoid, got {cfg.attn!r}")
@@ -69,6 +70,9 @@ def check_attention_config(cfg):
     except (TypeError, ValueError):
         raise ConfigError(f"--sigmoid_bias expects auto, learnable or a number like -5.5, "
                           f"got {cfg.sigmoid_bias!r}") from None
+    unused = [f"--{key}={getattr(cfg, key)}" for key in ("sigmoid_bias", "sigmoid_backend") if getattr(cfg, key) != "auto"]
+    if cfg.attn == "softmax" and unused:
+        print(f"warning: {', '.join(unused)} ignored: for sigmoid attention only, and this is --attn=softmax", file=sys.stderr)
     if cfg.attn == "sigmoid" and cfg.sigmoid_backend == "triton":
         why = triton_unusable_reason(head_dim, getattr(cfg, "device", "auto"))
         if why:
@@ -151,6 +155,9 @@ class CausalSelfAttention(nn.Module):
         # QK-norm (the sigmoid-attention paper's recipe): bounds the scores, which keeps early sigmoid attention stable
         self.q_norm = nn.LayerNorm(self.head_dim, bias=config.bias) if config.qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, bias=config.bias) if config.qk_norm else nn.Identity()
+        # with QK-norm a score q.k/sqrt(hd) is at most sqrt(hd) (LayerNorm gains at 1): a learned per-head
+        # factor on the scores, starting at 1, lifts that ceiling faster than the per-channel gains
+        self.qk_scale = nn.Parameter(torch.ones(self.n_head)) if config.qk_scale == "learnable" else None
         if self.pos_emb == "rope":  # tables are derived, not learned: kept out of the state dict
             cos, sin = rope_cos_sin(config.block_size, self.head_dim)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -183,6 +190,8 @@ class CausalSelfAttention(nn.Module):
         if self.pos_emb == "rope":
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_scale is not None:
+            q = q * self.qk_scale.view(1, -1, 1, 1)  # (B, nh, T, hd): scales every score of head h
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, n_kv, start + T, hd): every key so far
         y = self.softmax_attention(q, k, v) if self.attn == "softmax" else self.sigmoid_attention(q, k, v)

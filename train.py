@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 NOT_YET = 2**62  # the on-device "first iteration with a non-finite loss" before there is one
 RESUME_MAY_CHANGE = ("dropout", "sigmoid_backend")  # model keys that leave the weights as they are
 # set by the weights for init_from=gpt2*
-GPT2_SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "bias")
+GPT2_SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "bias", "pos_emb", "qk_norm")
 CPU_PRESET = "shakespeare_char_cpu.toml"
 LONG_CPU_RUN = 30 * 60  # seconds: a CPU run projected to take longer gets a warning
 # what the error handlers at the bottom report: where the run is and where its last checkpoint is
@@ -370,6 +370,34 @@ class NanWatch:
             raise not_finite(bad[0], iter_num)
 
 
+@torch.no_grad()
+def copy_probe_loss(model, split, dtype, cfg, ctx, device, n_seqs=64, seed=0):
+    """In-context copying: the mean loss on the second half of n_seqs sequences [run, run], each run
+    block_size // 2 consecutive training tokens. Only the repeat's tokens after its first are scored:
+    a model that can look back block_size // 2 tokens (induction heads) predicts them nearly exactly.
+    The runs come from their own generator with a fixed seed: every run on the same data and
+    block_size, of either kind and any seed, sees the same probe, and the training and eval streams
+    are untouched. Batches of cfg.batch_size rows (the last padded with ignored rows) keep eval's shapes."""
+    (path, n_tokens), half = split, cfg.block_size // 2
+    ix = torch.randint(n_tokens - half, (n_seqs,), generator=torch.Generator().manual_seed(seed))
+    run, _ = get_batch(path, dtype, ix, half, device)  # (n_seqs, half)
+    x = torch.cat([run, run], dim=1)  # (n_seqs, 2 * half)
+    y = torch.full_like(x, -1)  # -1: not scored (cross_entropy's ignore_index)
+    y[:, half:-1] = x[:, half + 1:]  # position half + i predicts run[i + 1]
+    pad = -n_seqs % cfg.batch_size
+    x, y = torch.cat([x, x.new_zeros(pad, x.size(1))]), torch.cat([y, y.new_full((pad, y.size(1)), -1)])
+    model.eval()
+    total, count = 0.0, 0
+    for k in range(0, len(x), cfg.batch_size):
+        yk = y[k:k + cfg.batch_size]
+        with ctx:
+            _, loss = model(x[k:k + cfg.batch_size], yk)
+        n = (yk != -1).sum().item()
+        total, count = total + loss.float().item() * n, count + n
+    model.train()
+    return total / count
+
+
 def not_finite(loss, iter_num):
     """The error for a nan or inf loss, a training or an evaluation one."""
     where = (f"the last good checkpoint is {progress['ckpt']} (iter {progress['ckpt_iter']})"
@@ -670,9 +698,10 @@ def main(argv):
             losses = estimate_loss(eval_model, splits, meta["dtype"], eval_gen, cfg, ctx, device,
                                    rank, world)
             record.update(train_loss=losses["train"], val_loss=losses["val"])
+            record["copy_loss"] = copy_probe_loss(eval_model, splits["train"], meta["dtype"], cfg, ctx, device)
             if master:
                 print(f"iter {iter_num}: train loss {losses['train']:.4f}, "
-                      f"val loss {losses['val']:.4f}")
+                      f"val loss {losses['val']:.4f}, copy loss {record['copy_loss']:.4f}")
             nan_watch.check(losses, iter_num)  # before anything is saved
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])

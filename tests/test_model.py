@@ -94,7 +94,7 @@ def test_estimate_mfu_is_none_on_cpu():
 
 
 def test_num_params_leaves_out_position_embeddings():
-    model = GPT(tiny_config())
+    model = GPT(tiny_config(pos_emb="learned"))
     assert model.get_num_params(non_embedding=False) - model.get_num_params() == 16 * 32
     rope = GPT(tiny_config(pos_emb="rope"))
     assert rope.get_num_params() == rope.get_num_params(non_embedding=False)
@@ -162,8 +162,8 @@ def test_from_pretrained_without_transformers_says_what_to_install(monkeypatch):
 def test_from_pretrained_refuses_sigmoid_attention():
     with pytest.raises(ModelLoadError, match="softmax"):
         GPT.from_pretrained("gpt2", dict(attn="sigmoid"))
-    with pytest.raises(ModelLoadError, match="--pos_emb=rope doesn't fit"):
-        GPT.from_pretrained("gpt2", dict(pos_emb="rope"))
+    with pytest.raises(ModelLoadError, match="--pos_emb=alibi doesn't fit"):
+        GPT.from_pretrained("gpt2", dict(pos_emb="alibi"))
 
 
 def hf_gpt2_state_dict(n_layer, n_head, n_embd, vocab_size, n_positions):
@@ -214,7 +214,7 @@ def test_hf_gpt2_weights_give_the_same_logits():
     # vocab 100 is padded to 128 inside GPT: the conversion must fill the real rows and leave the rest
     sd = hf_gpt2_state_dict(n_layer=2, n_head=4, n_embd=32, vocab_size=100, n_positions=16)
     model = GPT.from_hf_state_dict(sd, GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=4, n_embd=32,
-                                                 bias=True)).eval()
+                                                 bias=True, pos_emb="learned", qk_norm=False)).eval()
     idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(idx, all_logits=True)[0], gpt2_logits(sd, idx, n_layer=2, n_head=4), rtol=1e-4, atol=1e-4)
@@ -271,3 +271,35 @@ def test_chunked_loss_compiles_into_one_graph():
     loss.backward()
     model.chunked_loss = False
     torch.testing.assert_close(loss, model(idx, idx)[1])
+
+
+def test_from_pretrained_takes_gpt2s_positions_and_qk_norm_with_a_note(monkeypatch, capsys):
+    """The defaults (rope, qk_norm) reach from_pretrained from train.py: GPT-2's weights load anyway,
+    with learned positions and no QK-norm, and one printed note says so."""
+    import types
+    config = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768, bias=True,
+                       pos_emb="learned", qk_norm=False)
+    with torch.device("meta"):  # the shapes of GPT-2 124M without allocating it
+        shapes = {k: v.shape for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
+    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    hf_state = {k: torch.zeros(s[::-1] if k.endswith(transposed) else s) for k, s in shapes.items()}
+    hf_state["transformer.wpe.weight"] = torch.arange(1024.0).view(-1, 1).expand(1024, 768)  # row p holds p
+    fake_hf = types.SimpleNamespace(state_dict=lambda: hf_state)
+    fake = types.SimpleNamespace(GPT2LMHeadModel=types.SimpleNamespace(from_pretrained=lambda name: fake_hf))
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    model = GPT.from_pretrained("gpt2", dict(dropout=0.0, block_size=64, pos_emb="rope", qk_norm=True))
+    note = capsys.readouterr().out.strip()
+    assert note == "note: gpt2's weights have learned positions and no QK-norm: using --pos_emb=learned --qk_norm=false"
+    assert model.config.pos_emb == "learned" and not model.config.qk_norm and model.config.block_size == 64
+    assert model.transformer.wpe.weight[:, 0].tolist() == list(range(64))  # GPT-2's positions, cropped
+    assert not any("q_norm" in k for k in model.state_dict())
+
+
+def test_checkpoint_without_a_later_key_loads_as_the_old_model():
+    model = GPT(tiny_config()).eval()
+    ckpt = checkpoint_of(model)
+    del ckpt["model_args"]["qk_scale"]  # written before qk_scale existed
+    again = GPT.from_checkpoint(ckpt).eval()
+    assert again.config.qk_scale == "fixed"
+    idx = torch.randint(0, 65, (2, 16))
+    torch.testing.assert_close(again(idx, idx)[0], model(idx, all_logits=True)[0], rtol=0, atol=0)

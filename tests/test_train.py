@@ -538,3 +538,49 @@ def test_a_larger_eval_batch_leaves_the_compiled_training_graph_static(tmp_path)
         compiled.eval()(x, x)  # an eval pass of 8 batches of 2
     compiled.train()(x[:2], x[:2])[1].backward()
     assert len(graph_inputs) == 2 and all(isinstance(i, torch.Tensor) for i in graph_inputs[1])
+
+
+# ----------------------------------------------------------------------------- in-context copy probe
+
+class Copier(torch.nn.Module):
+    """Predicts, at position t, the token `lag` positions back plus one: with lag = half a perfect
+    copier of the probe's repeat, with any other lag a wrong one. loss: mean over targets != -1."""
+
+    def __init__(self, lag, vocab_size=50):
+        super().__init__()
+        self.lag, self.vocab_size = lag, vocab_size
+
+    def forward(self, x, y):
+        source = torch.roll(x, shifts=self.lag - 1, dims=1)  # source[t] = x[t - lag + 1]
+        logits = 50.0 * torch.nn.functional.one_hot(source, self.vocab_size).float()  # (B, T, V)
+        return logits, torch.nn.functional.cross_entropy(logits.view(-1, self.vocab_size), y.view(-1), ignore_index=-1)
+
+
+def test_copy_probe_scores_only_the_repeat_and_is_the_same_every_run(tmp_path):
+    import dataclasses
+    from contextlib import nullcontext
+    import numpy as np
+    sys.path.insert(0, str(REPO))
+    import train as train_module
+    from configurable import TrainConfig
+    tokens = np.random.default_rng(0).integers(0, 50, 10_000).astype(np.uint16)
+    tokens.tofile(tmp_path / "train.bin")
+    split = (str(tmp_path / "train.bin"), len(tokens))
+    cfg = TrainConfig(block_size=32, batch_size=12)  # 64 probe rows: the last batch is padded
+
+    def probe(model, cfg=cfg):
+        return train_module.copy_probe_loss(model, split, "uint16", cfg, nullcontext(), "cpu")
+
+    rng_before = torch.get_rng_state()
+    assert probe(Copier(lag=16)) < 1e-6  # a perfect copier of the 16-token run: no loss
+    assert probe(Copier(lag=15)) > 10  # one position off: wrong on every scored token
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the training and dropout streams untouched
+    # the same probe for another seed and batch size: the same loss from a model that depends on the input
+    some_model = Copier(lag=3)  # right only where the random run repeats a token 2 positions later
+    assert probe(some_model) == pytest.approx(probe(some_model, dataclasses.replace(cfg, seed=7, batch_size=64)))
+
+
+def test_copy_loss_is_logged_at_evals(trained):
+    import math
+    evals = [r for r in log(trained) if "val_loss" in r]
+    assert evals and all(math.isfinite(r["copy_loss"]) for r in evals)
