@@ -109,7 +109,8 @@ def test_a_few_steps_lower_the_loss(data_dir, tmp_path, attn):
     assert [r["iter"] for r in records] == [0, 10, 20, 30, 40, 50, 60]
     first, last = records[0], records[-1]
     assert last["val_loss"] < first["val_loss"] - 0.4 and records[-2]["loss"] < first["loss"] - 0.4
-    assert set(first) == {"iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "mfu", "train_loss", "val_loss"}
+    assert set(first) == {"iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "mfu", "train_loss", "val_loss",
+                          "copy_loss"}
     assert first["mfu"] is None  # no known peak on a CPU
     assert re.search(r"^iter 10/60 \(18%\): loss [0-9.]+, lr [0-9.e+-]+, [0-9.]+ ms/iter, [0-9,]+ tok/s, "
                      r"\d+s elapsed, ETA \d+s$", result.stdout, re.M), result.stdout
@@ -325,11 +326,14 @@ def test_truncated_bin_is_one_line(data_dir, tmp_path):
 
 
 def test_too_few_tokens_gives_advice_that_works(tmp_path):
-    for n_chars, block_size, message in (
-            (20, 5, "val.bin has 2 tokens, too few for block_size=5: use --block_size=1 or less, or more text"),
-            (10, 1, "val.bin has 1 token, too few for block_size=1: prepare the dataset from more text")):
-        (tmp_path / "t.txt").write_text("abcdefghijklmnopqrstuvwxyz"[:n_chars])
-        prepare("short", tmp_path / "data", input_path=tmp_path / "t.txt", tokenizer="char")
+    for val_tokens, block_size, message in (
+            (2, 5, "val.bin has 2 tokens, too few for block_size=5: use --block_size=1 or less, or more text"),
+            (1, 1, "val.bin has 1 token, too few for block_size=1: prepare the dataset from more text")):
+        (tmp_path / "t.txt").write_text("abcdefghijklmnopqrst")  # 20 chars: train 18, val 2 tokens
+        folder = prepare("short", tmp_path / "data", input_path=tmp_path / "t.txt", tokenizer="char", force=True)
+        meta = json.loads((folder / "meta.json").read_text())  # shorten val.bin by hand: prepare refuses 1 token
+        (folder / "val.bin").write_bytes((folder / "val.bin").read_bytes()[:val_tokens * np.dtype(meta["dtype"]).itemsize])
+        (folder / "meta.json").write_text(json.dumps({**meta, "val_tokens": val_tokens}))
         line = error_line(train(tmp_path / "data", tmp_path / "out", "--dataset=short", f"--block_size={block_size}"))
         assert line.endswith(message), line
 
