@@ -30,14 +30,14 @@ def parse_sigmoid_bias(value):
 
 def triton_unusable_reason(head_dim, device="auto"):
     """Why the fused kernel can't run here, or None when it can."""
-    interpret = getattr(flash_sigmoid, "INTERPRET", False)  # TRITON_INTERPRET=1 runs the kernel on the CPU
+    interpret = flash_sigmoid.INTERPRET  # TRITON_INTERPRET=1 runs the kernel on the CPU
     if not interpret and str(device).split(":")[0] in ("cpu", "mps"):
         return f"device={device} is not CUDA"
     if not interpret and not torch.cuda.is_available():
         return "no CUDA GPU here"
-    if not getattr(flash_sigmoid, "kernel_available", lambda: False)():
+    if not flash_sigmoid.kernel_available():
         return "the Triton kernel is not available (is triton installed?)"
-    supported = getattr(flash_sigmoid, "SUPPORTED_HEAD_DIMS", ())
+    supported = flash_sigmoid.SUPPORTED_HEAD_DIMS
     if head_dim not in supported:
         return f"head dim n_embd/n_head = {head_dim} is not one of {supported}"
     return None
@@ -165,8 +165,7 @@ class CausalSelfAttention(nn.Module):
         if self.pos_emb == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(self.n_head), persistent=False)
         # backend 'auto' uses the kernel for CUDA inputs when it is there and fits the head dim
-        self.kernel_fits = (getattr(flash_sigmoid, "kernel_available", lambda: False)()
-                            and self.head_dim in getattr(flash_sigmoid, "SUPPORTED_HEAD_DIMS", ()))
+        self.kernel_fits = flash_sigmoid.kernel_available() and self.head_dim in flash_sigmoid.SUPPORTED_HEAD_DIMS
         self.auto_bias = False
         self.sigmoid_bias = None
         if self.attn == "sigmoid":  # only sigmoid has the bias: an unused parameter would upset DDP
