@@ -44,6 +44,7 @@ from model import (GPT, GPTConfig, ModelLoadError, load_checkpoint_file, resolve
 from prepare_data import DataError, check_bin, load_meta, prepare, tokenizer_from_meta
 
 HERE = Path(__file__).resolve().parent
+EVAL_BATCHES_PER_PASS = 8  # evaluation runs 8 batches per forward pass: fewer, larger launches
 NOT_YET = 2**62  # the on-device "first iteration with a non-finite loss" before there is one
 RESUME_MAY_CHANGE = ("dropout", "sigmoid_backend")  # model keys that leave the weights as they are
 # set by the weights for init_from=gpt2*
@@ -277,7 +278,7 @@ def build_model(cfg, meta, ckpt, ckpt_path):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, dtype, gen, cfg, ctx, device, rank, world, per_pass=8):
+def estimate_loss(model, splits, dtype, gen, cfg, ctx, device, rank, world, per_pass=EVAL_BATCHES_PER_PASS):
     """Mean loss over eval_iters batches per split. Offsets come from gen, never the training stream;
     every rank draws them all and evaluates batches rank, rank + world, ... Up to per_pass batches go
     through the model at once (without gradients a forward pass holds about one layer's activations,
@@ -377,21 +378,23 @@ def copy_probe_loss(model, split, dtype, cfg, ctx, device, n_seqs=64, seed=0):
     a model that can look back block_size // 2 tokens (induction heads) predicts them nearly exactly.
     The runs come from their own generator with a fixed seed: every run on the same data and
     block_size, of either kind and any seed, sees the same probe, and the training and eval streams
-    are untouched. Batches of cfg.batch_size rows (the last padded with ignored rows) keep eval's shapes."""
+    are untouched. Passes of EVAL_BATCHES_PER_PASS batches (the last padded with ignored rows) keep
+    evaluation's shapes: nothing recompiles."""
     (path, n_tokens), half = split, cfg.block_size // 2
     ix = torch.randint(n_tokens - half, (n_seqs,), generator=torch.Generator().manual_seed(seed))
     run, _ = get_batch(path, dtype, ix, half, device)  # (n_seqs, half)
     x = torch.cat([run, run], dim=1)  # (n_seqs, 2 * half)
     y = torch.full_like(x, -1)  # -1: not scored (cross_entropy's ignore_index)
     y[:, half:-1] = x[:, half + 1:]  # position half + i predicts run[i + 1]
-    pad = -n_seqs % cfg.batch_size
+    rows = cfg.batch_size * EVAL_BATCHES_PER_PASS
+    pad = -n_seqs % rows
     x, y = torch.cat([x, x.new_zeros(pad, x.size(1))]), torch.cat([y, y.new_full((pad, y.size(1)), -1)])
     model.eval()
     total, count = 0.0, 0
-    for k in range(0, len(x), cfg.batch_size):
-        yk = y[k:k + cfg.batch_size]
+    for k in range(0, len(x), rows):
+        yk = y[k:k + rows]
         with ctx:
-            _, loss = model(x[k:k + cfg.batch_size], yk)
+            _, loss = model(x[k:k + rows], yk)
         n = (yk != -1).sum().item()
         total, count = total + loss.float().item() * n, count + n
     model.train()
