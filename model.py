@@ -370,7 +370,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size, rows):
         loss, grad_x, grad_w = chunked_cross_entropy(x, weight, targets, vocab_size, rows, grads=True)
-        n = (targets != -1).sum()  # on the device: no host sync
+        n = (targets != -1).sum()  # a tensor, not a Python int: no host sync
         ctx.save_for_backward(grad_x, grad_w, n)
         return loss / n
 

@@ -348,7 +348,7 @@ def slow_cpu_warning(left, presets):
 
 
 class NanWatch:
-    """The first iteration whose loss was nan or inf, kept on the device (no host sync per step);
+    """The first iteration whose loss was nan or inf, kept as a tensor (no host sync per step);
     check() stops the run there, agreeing over all ranks, so nothing after it gets saved."""
 
     def __init__(self, device):
@@ -589,7 +589,7 @@ def config_of_model(cfg, model, ckpt):
 
 def train_step(model, optimizer, scaler, load, accum, grad_clip, ctx, ddp):
     """One optimizer step over accum micro-batches, load(k) giving the k-th; returns the step's
-    loss, left on the device."""
+    loss, left as a tensor (no host sync)."""
     x, y = load(0)
     loss_sum = torch.zeros((), device=x.device)
     for micro in range(accum):
@@ -599,7 +599,7 @@ def train_step(model, optimizer, scaler, load, accum, grad_clip, ctx, ddp):
                 _, loss = model(x, y)
                 loss = loss / accum
             if micro + 1 < accum:
-                x, y = load(micro + 1)  # load the next batch while the device computes
+                x, y = load(micro + 1)  # load the next batch while the GPU computes
             loss_sum += loss.detach()
             scaler.scale(loss).backward()
     if grad_clip:
