@@ -204,8 +204,8 @@ def first_lines_of(cmd, until, timeout=120):
     return lines
 
 
-def test_a_long_cpu_run_with_a_gpu_preset_warns_once_early(data_dir):
-    gpu_preset = command(data_dir, "unused", "--max_iters=10000000", "--eval_interval=10000000")
+def test_a_long_cpu_run_with_a_gpu_preset_warns_once_early(data_dir, tmp_path):
+    gpu_preset = command(data_dir, tmp_path / "out", "--max_iters=10000000", "--eval_interval=10000000")
     gpu_preset[2] = "presets/shakespeare_char.toml"
     lines = first_lines_of(gpu_preset, "warning:")
     assert re.fullmatch(r"warning: at this speed the run ends in about \d+h\d\dm on the CPU; "
