@@ -59,7 +59,8 @@ def test_ablation_runs_every_seed_and_writes_the_report(done):
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[1] == "1, 2" and cells[2] == "6"  # seeds, last eval iter
         assert float(cells[3].split()[0]) > 0 and float(cells[4].split()[0]) > 0  # best and final val loss
-        assert ".." in cells[3] and "--max_iters=6" in cells[7]  # (min..max) spread; the command
+        assert float(cells[5].split()[0]) > 0 and ".." in cells[5]  # the copy probe at the best eval, per seed
+        assert ".." in cells[3] and "--max_iters=6" in cells[8]  # (min..max) spread; the command
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib not installed: val_loss.png is not made")
     assert (tmp / "out" / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

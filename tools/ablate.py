@@ -1,8 +1,8 @@
 """
 Run an ablation: every (run, seed) of an ablation file through train.py, then a table and a plot.
 
-    python tools/ablate.py ablations/sigmoid_recipe.toml                  # all runs x seeds, 4 at a time per GPU
-    python tools/ablate.py ablations/sigmoid_recipe.toml --gpus=0,1 --per_gpu=8   # 8 at a time on each of GPUs 0 and 1
+    python tools/ablate.py ablations/sigmoid_recipe.toml                  # all runs x seeds, 8 at a time per GPU
+    python tools/ablate.py ablations/sigmoid_recipe.toml --gpus=0,1 --per_gpu=4   # 4 at a time on each of GPUs 0 and 1
     python tools/ablate.py ablations/sigmoid_recipe.toml --only=softmax,sigmoid_recipe --seeds=1337
     python tools/ablate.py ablations/sigmoid_recipe.toml --dry_run        # check every run's config, print the commands
     python tools/ablate.py ablations/sigmoid_recipe.toml --report_only    # results.md + val_loss.png from earlier logs
@@ -14,8 +14,10 @@ trains in <out_root>/<run>/seed<seed>/ (log.jsonl, ckpt.pt, train.out); one whos
 ends with the eval at max_iters is skipped, and an unfinished one with a ckpt.pt resumes from it,
 unless --force (start every run afresh). Small runs leave a GPU mostly idle (a baby GPT's step is
 bound by small kernels and the CPU), so --per_gpu runs share each GPU; on the CPU one runs at a time.
-The end says how many runs finished per hour: run the same ablation with --force and another
---per_gpu to find the best packing for a GPU.
+On an H200 with 16 CPU cores, baby GPTs trained 4.0x as many steps a second 4 at a time as alone,
+5.2x 8 at a time and 3.0x 16 at a time, the CPU cores then the limit (results/training_speed.md):
+hence 8. The end says how many runs finished per hour: run the same ablation with --force and
+another --per_gpu to find the best packing for another machine.
 """
 import argparse
 import difflib
@@ -235,18 +237,21 @@ def stat(xs, fmt="{:.4f}"):
 
 def report(path, out_root, jobs):
     """<out_root>/results.md, one row per run, and val_loss.png from the logs of the jobs' out_dirs."""
-    rows, curves = [], {}
+    rows, curves, copies = [], {}, {}
     for run in dict.fromkeys(j.run for j in jobs):
         mine = [j for j in jobs if j.run == run]
-        curves[run], best, final, speed, norm = {}, [], [], [], []
+        curves[run], copies[run], best, final, copy, speed, norm = {}, {}, [], [], [], [], []
         for job in mine:
             log = job.log()
-            evals = [(r["iter"], r["val_loss"]) for r in log if r.get("val_loss") is not None]
+            evals = [r for r in log if r.get("val_loss") is not None]
             if not evals:
                 continue
-            curves[run][job.seed] = evals
-            best.append(min(v for _, v in evals))
-            final.append(evals[-1][1])
+            curves[run][job.seed] = [(r["iter"], r["val_loss"]) for r in evals]
+            copies[run][job.seed] = [(r["iter"], r["copy_loss"]) for r in evals if r.get("copy_loss") is not None]
+            at_best = min(evals, key=lambda r: r["val_loss"])
+            best.append(at_best["val_loss"])
+            final.append(evals[-1]["val_loss"])
+            copy += [at_best["copy_loss"]] if at_best.get("copy_loss") is not None else []
             tps = [r["tokens_per_s"] for r in log if r.get("tokens_per_s")]
             speed += [statistics.median(tps)] if tps else []  # median: robust to steps slowed by compiling
             norms = [r["attn_out_norm"] for r in log if r.get("attn_out_norm")]
@@ -255,22 +260,25 @@ def report(path, out_root, jobs):
         iters = "-" if last is None else f"{last}" + ("" if last == mine[0].max_iters else f" of {mine[0].max_iters}")
         command = mine[0].shown.replace("|", "\\|")  # a | would end the table cell
         rows.append(f"| {run} | {', '.join(map(str, curves[run])) or 'not run'} | {iters} | {stat(best)} | "
-                    f"{stat(final)} | {stat(speed, '{:,.0f}')} | {stat(norm, '{:.3f}')} | `{command}` |")
+                    f"{stat(final)} | {stat(copy)} | {stat(speed, '{:,.0f}')} | {stat(norm, '{:.3f}')} | `{command}` |")
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "results.md").write_text(
         f"# {out_root.name}\n\nFrom `{path}`. Each number is the mean over seeds, with (min..max) over seeds. "
-        "best = lowest val loss at any eval; final = val loss at the last eval; tokens/s = each seed's median over "
-        "its log steps; attn out norm = mean over layers of the attention output's L2 norm per token at the last "
-        "log step (--log_attn_norm). The command is the first seed's; the others differ in --out_dir and --seed.\n\n"
-        "| run | seeds | iters | best val loss | final val loss | tokens/s | attn out norm | command |\n"
-        "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+        "best = lowest val loss at any eval; final = val loss at the last eval; copy = the in-context copy probe's "
+        "loss (the second half of a repeated run of training tokens) at the best eval; tokens/s = each seed's median "
+        "over its log steps; attn out norm = mean over layers of the attention output's L2 norm per token at the "
+        "last log step (--log_attn_norm). The command is the first seed's; the others differ in --out_dir and "
+        "--seed.\n\n"
+        "| run | seeds | iters | best val loss | final val loss | copy loss | tokens/s | attn out norm | command |\n"
+        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(f"wrote {out_root / 'results.md'}")
-    plot(curves, out_root)
+    plot(curves, copies, out_root)
 
 
-def plot(curves, out_root):
-    """val_loss.png: {run: {seed: [(iter, val loss)]}} as one colour per run, its seeds faint, their mean bold."""
+def plot(curves, copies, out_root):
+    """val_loss.png: val loss, and beside it the copy probe's loss where the logs have it; each
+    {run: {seed: [(iter, loss)]}} as one colour per run, its seeds faint, their mean bold."""
     try:
         import matplotlib
     except ImportError:
@@ -278,22 +286,25 @@ def plot(curves, out_root):
         return
     matplotlib.use("Agg")  # write files, need no display
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (run, by_seed) in enumerate(curves.items()):
-        for evals in by_seed.values():
-            ax.plot(*zip(*evals), color=f"C{i}", alpha=0.25, lw=0.8)
-        common = sorted(set.intersection(*(set(dict(e)) for e in by_seed.values()))) if by_seed else []
-        if common:  # the mean where every seed has an eval
-            ax.plot(common, [statistics.mean(dict(e)[it] for e in by_seed.values()) for it in common],
-                    color=f"C{i}", lw=1.8, label=f"{run} (mean of {len(by_seed)} seeds)")
-    points = [point for by_seed in curves.values() for evals in by_seed.values() for point in evals]
-    if points:  # the top leaves out the first tenth of training (loss ~ log(vocab)) so the differences show
-        last = max(it for it, _ in points)
-        top = max(v for it, v in points if it >= last / 10)
-        ax.set_ylim(top=top + 0.05 * (top - min(v for _, v in points)))
-        ax.legend()
-    ax.set(xlabel="iteration", ylabel="val loss", title=f"{out_root.name}: val loss (faint: single seeds)")
-    ax.grid(alpha=0.3)
+    panels = [(curves, "val loss")] + ([(copies, "copy loss")] if any(e for c in copies.values() for e in c.values()) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5), squeeze=False)
+    for ax, (panel, name) in zip(axes[0], panels):
+        for i, (run, by_seed) in enumerate(panel.items()):
+            by_seed = {seed: evals for seed, evals in by_seed.items() if evals}
+            for evals in by_seed.values():
+                ax.plot(*zip(*evals), color=f"C{i}", alpha=0.25, lw=0.8)
+            common = sorted(set.intersection(*(set(dict(e)) for e in by_seed.values()))) if by_seed else []
+            if common:  # the mean where every seed has an eval
+                ax.plot(common, [statistics.mean(dict(e)[it] for e in by_seed.values()) for it in common],
+                        color=f"C{i}", lw=1.8, label=run + (f" (mean of {len(by_seed)} seeds)" if len(by_seed) > 1 else ""))
+        points = [point for by_seed in panel.values() for evals in by_seed.values() for point in evals]
+        if points:  # the top leaves out the first tenth of training (loss ~ log(vocab)) so the differences show
+            last = max(it for it, _ in points)
+            top = max(v for it, v in points if it >= last / 10)
+            ax.set_ylim(top=top + 0.05 * (top - min(v for _, v in points)))
+            ax.legend()
+        ax.set(xlabel="iteration", ylabel=name, title=f"{out_root.name}: {name} (faint: single seeds)")
+        ax.grid(alpha=0.3)
     fig.savefig(out_root / "val_loss.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {out_root / 'val_loss.png'}")
@@ -306,8 +317,8 @@ def main(argv):
     p.add_argument("--seeds", help="comma-separated seeds instead of the file's, e.g. 1337,1338")
     p.add_argument("--only", help="comma-separated run names: run only these (the report covers every run)")
     p.add_argument("--gpus", default="auto", help="auto (every visible GPU) or ids like 0,1")
-    p.add_argument("--per_gpu", type=int, default=4, help="runs at once on each GPU (4: baby GPTs on an H200, "
-                   "each alone would leave it mostly idle)")
+    p.add_argument("--per_gpu", type=int, default=8, help="runs at once on each GPU (8: the most baby-GPT steps a "
+                   "second on an H200 with 16 CPU cores; each alone leaves it mostly idle)")
     p.add_argument("--force", action="store_true", help="start every (run, seed) afresh, finished or not")
     p.add_argument("--dry_run", action="store_true", help="check every config and print the commands; run nothing")
     p.add_argument("--report_only", action="store_true", help="only write results.md and val_loss.png from the logs")
