@@ -158,8 +158,6 @@ class CausalSelfAttention(nn.Module):
         # with QK-norm a score q.k/sqrt(hd) is at most sqrt(hd) (LayerNorm gains at 1): a learned per-head
         # factor on the scores, starting at 1, lifts that ceiling faster than the per-channel gains
         self.qk_scale = nn.Parameter(torch.ones(self.n_head)) if config.qk_scale == "learnable" else None
-        # head norm: each head's output normalised before c_proj, whatever its sigmoid row mass
-        self.head_norm = nn.LayerNorm(self.head_dim, bias=config.bias) if config.head_norm else None
         if self.pos_emb == "rope":  # tables are derived, not learned: kept out of the state dict
             cos, sin = rope_cos_sin(config.block_size, self.head_dim)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -196,8 +194,6 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, n_kv, start + T, hd): every key so far
         y = self.softmax_attention(q, k, v) if self.attn == "softmax" else self.sigmoid_attention(q, k, v)
-        if self.head_norm is not None:
-            y = self.head_norm(y).to(v.dtype)  # (B, nh, T, hd); LayerNorm is float32 under autocast
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         if self.record_norm:  # detached and left on the device: no host sync until train.py reads it
             self.last_out_norm = y.detach().float().norm(dim=-1).mean()

@@ -73,7 +73,6 @@ class TrainConfig:
     layerscale: bool = opt(False, "scale each residual branch by a learned per-channel factor")
     layerscale_init: float = opt(1e-4, "initial LayerScale factor")
     hybrid_norm: bool = opt(False, "also normalise each attention output before the residual add")
-    head_norm: bool = opt(False, "normalise each head's attention output (LayerNorm over head_dim) before c_proj")
     pos_emb: str = opt("rope", "position information (both kinds); rope helps both at block 1024 and sigmoid at 256; "
                                "learned is nanoGPT/GPT-2's", choices=("learned", "rope", "alibi"))
     log_attn_norm: bool = opt(False, "log the mean L2 norm of each layer's attention output at log steps")

@@ -24,7 +24,7 @@ class ModelLoadError(RuntimeError):
 
 
 # model keys added after checkpoints were written without them, with the value that means the old model
-LATER_KEYS = {"qk_scale": "fixed", "head_norm": False}
+LATER_KEYS = {"qk_scale": "fixed"}
 
 
 @dataclass
@@ -45,7 +45,6 @@ class GPTConfig:
     layerscale: bool = False
     layerscale_init: float = 1e-4
     hybrid_norm: bool = False
-    head_norm: bool = False  # LayerNorm over each head's output, before c_proj
     pos_emb: str = "rope"  # rope | learned (GPT-2's) | alibi
 
     @classmethod

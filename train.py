@@ -273,7 +273,7 @@ def build_model(cfg, meta, ckpt, ckpt_path):
                          f"{meta['tokenizer']}-level: use e.g. --dataset=shakespeare")
     # n_layer, n_head, n_embd come from GPT-2
     keys = ("dropout", "block_size", "attn", "sigmoid_bias", "sigmoid_backend", "qk_norm",
-            "layerscale", "layerscale_init", "hybrid_norm", "head_norm", "pos_emb", "n_kv_head")
+            "layerscale", "layerscale_init", "hybrid_norm", "pos_emb", "n_kv_head")
     return GPT.from_pretrained(cfg.init_from, {k: getattr(cfg, k) for k in keys})
 
 
