@@ -374,8 +374,12 @@ class NanWatch:
 @torch.no_grad()
 def copy_probe_loss(model, split, dtype, cfg, ctx, device, n_seqs=64, seed=0):
     """In-context copying: the mean loss on the second half of n_seqs sequences [run, run], each run
-    block_size // 2 consecutive training tokens. Only the repeat's tokens after its first are scored:
-    a model that can look back block_size // 2 tokens (induction heads) predicts them nearly exactly.
+    block_size // 2 consecutive tokens of split (train.py gives the val split). Only the repeat's
+    tokens after its first are scored: a model that can look back block_size // 2 tokens (induction
+    heads) predicts them nearly exactly; one that cannot scores about its val loss. Val, not train,
+    tokens: a run that has seen its training text many times predicts that text from memory, and the
+    probe would measure memory (a training-text probe fell from 3.55 to 3.00 while the val loss of
+    the same run rose from 4.49 to 4.79, results/sigmoid_vs_softmax.md).
     The runs come from their own generator with a fixed seed: every run on the same data and
     block_size, of either kind and any seed, sees the same probe, and the training and eval streams
     are untouched. Passes of EVAL_BATCHES_PER_PASS batches (the last padded with ignored rows) keep
@@ -701,7 +705,7 @@ def main(argv):
             losses = estimate_loss(eval_model, splits, meta["dtype"], eval_gen, cfg, ctx, device,
                                    rank, world)
             record.update(train_loss=losses["train"], val_loss=losses["val"])
-            record["copy_loss"] = copy_probe_loss(eval_model, splits["train"], meta["dtype"], cfg, ctx, device)
+            record["copy_loss"] = copy_probe_loss(eval_model, splits["val"], meta["dtype"], cfg, ctx, device)
             if master:
                 print(f"iter {iter_num}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, copy loss {record['copy_loss']:.4f}")

@@ -585,7 +585,19 @@ def test_copy_probe_scores_only_the_repeat_and_is_the_same_every_run(tmp_path):
     assert probe(some_model) == pytest.approx(probe(some_model, dataclasses.replace(cfg, seed=7, batch_size=64)))
 
 
-def test_copy_loss_is_logged_at_evals(trained):
+def test_copy_loss_is_logged_at_evals_and_probes_the_val_split(trained, data_dir):
     import math
+    sys.path.insert(0, str(REPO))
+    import train as train_module
+    from configurable import TrainConfig
+    from model import GPT
     evals = [r for r in log(trained) if "val_loss" in r]
     assert evals and all(math.isfinite(r["copy_loss"]) for r in evals)
+    # the last eval's model is ckpt.pt: the probe of its val text is the logged one, of its train text another
+    cfg = TrainConfig(block_size=32, batch_size=4, dataset="tiny", data_dir=str(data_dir))
+    meta, splits = train_module.load_data(cfg, master=False)
+    model = GPT.from_checkpoint(load(trained / "ckpt.pt"))
+    probe = {split: train_module.copy_probe_loss(model, splits[split], meta["dtype"], cfg, nullcontext(), "cpu")
+             for split in ("val", "train")}
+    assert probe["val"] == pytest.approx(evals[-1]["copy_loss"], rel=1e-5)
+    assert abs(probe["train"] - evals[-1]["copy_loss"]) > 1e-3
