@@ -169,6 +169,11 @@ def test_runs_share_each_gpu_per_gpu_times_and_the_cpu_one_at_a_time(monkeypatch
     assert ablate.pick_slots("auto", 4) == [None]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     assert ablate.pick_slots("auto", 2) == ["2", "2", "5", "5"]
+    # no --per_gpu: 8 per GPU, fewer where all runs at once would outnumber half the cores
+    assert ablate.pick_slots("0", cores=16) == ["0"] * 8
+    assert ablate.pick_slots("0", cores=128) == ["0"] * 8
+    assert ablate.pick_slots("0,1", cores=16) == ["0"] * 4 + ["1"] * 4
+    assert ablate.pick_slots("0", cores=2) == ["0"]
 
 
 def test_per_gpu_below_one_is_one_line(tmp_path):

@@ -16,8 +16,9 @@ unless --force (start every run afresh). Small runs leave a GPU mostly idle (a b
 bound by small kernels and the CPU), so --per_gpu runs share each GPU; on the CPU one runs at a time.
 On an H200 with 16 CPU cores, baby GPTs trained 4.0x as many steps a second 4 at a time as alone,
 5.2x 8 at a time and 3.0x 16 at a time, the CPU cores then the limit (results/training_speed.md):
-hence 8. The end says how many runs finished per hour: run the same ablation with --force and
-another --per_gpu to find the best packing for another machine.
+hence 8 per GPU by default, fewer where all runs at once would outnumber half the cores. The end
+says how many runs finished per hour: run the same ablation with --force and another --per_gpu to
+find the best packing for another machine.
 """
 import argparse
 import difflib
@@ -216,9 +217,12 @@ def run_all(jobs, slots):
     return failed, stop.is_set()
 
 
-def pick_slots(spec, per_gpu):
+def pick_slots(spec, per_gpu=None, cores=None):
     """One entry per run that may go at once: each GPU id per_gpu times, or [None] without a GPU
-    (one run at a time on the CPU, whose cores a run's threads already use)."""
+    (one run at a time on the CPU, whose cores a run's threads already use). per_gpu None: 8, or
+    fewer where the runs would then outnumber half the CPU cores. A baby GPT's step is bound by its
+    host: on an H200 with 16 cores, 8 runs at once trained the most steps a second and 16 fewer
+    than 4 (results/training_speed.md)."""
     if spec != "auto":
         ids = spec.split(",")
     elif (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:  # the ids as they are, not renumbered
@@ -226,6 +230,8 @@ def pick_slots(spec, per_gpu):
     else:
         import torch
         ids = [str(i) for i in range(torch.cuda.device_count())]
+    if per_gpu is None:
+        per_gpu = max(1, min(8, (cores or os.cpu_count() or 1) // (2 * max(1, len(ids)))))
     return [gpu for gpu in ids for _ in range(per_gpu)] or [None]
 
 
@@ -317,15 +323,15 @@ def main(argv):
     p.add_argument("--seeds", help="comma-separated seeds instead of the file's, e.g. 1337,1338")
     p.add_argument("--only", help="comma-separated run names: run only these (the report covers every run)")
     p.add_argument("--gpus", default="auto", help="auto (every visible GPU) or ids like 0,1")
-    p.add_argument("--per_gpu", type=int, default=8, help="runs at once on each GPU (8: the most baby-GPT steps a "
-                   "second on an H200 with 16 CPU cores; each alone leaves it mostly idle)")
+    p.add_argument("--per_gpu", type=int, help="runs at once on each GPU (default 8, or fewer so that all runs "
+                   "at once stay within half the CPU cores: baby GPTs are bound by their host)")
     p.add_argument("--force", action="store_true", help="start every (run, seed) afresh, finished or not")
     p.add_argument("--dry_run", action="store_true", help="check every config and print the commands; run nothing")
     p.add_argument("--report_only", action="store_true", help="only write results.md and val_loss.png from the logs")
     a, unknown = p.parse_known_args(argv)
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}; give train.py overrides after --")
-    if a.per_gpu < 1:
+    if a.per_gpu is not None and a.per_gpu < 1:
         fail(f"--per_gpu must be at least 1, got {a.per_gpu}")
     for flag, value in (("--seeds", a.seeds), ("--gpus", None if a.gpus == "auto" else a.gpus)):
         if value is not None and not re.fullmatch(r"\d+(,\d+)*", value):
