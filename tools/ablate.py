@@ -272,7 +272,7 @@ def report(path, out_root, jobs):
     (out_root / "results.md").write_text(
         f"# {out_root.name}\n\nFrom `{path}`. Each number is the mean over seeds, with (min..max) over seeds. "
         "best = lowest val loss at any eval; final = val loss at the last eval; copy = the in-context copy probe's "
-        "loss (the second half of a repeated run of training tokens) at the best eval; tokens/s = each seed's median "
+        "loss (the second half of a run of val tokens repeated twice) at the best eval; tokens/s = each seed's median "
         "over its log steps; attn out norm = mean over layers of the attention output's L2 norm per token at the "
         "last log step (--log_attn_norm). The command is the first seed's; the others differ in --out_dir and "
         "--seed.\n\n"
