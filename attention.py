@@ -1,13 +1,16 @@
 """Causal self-attention, softmax or sigmoid: the only file that knows the attention kinds.
 
     softmax:  y = softmax(Q K^T / sqrt(d) + mask) V        (F.scaled_dot_product_attention)
-    sigmoid:  y = sigmoid(Q K^T / sqrt(d) + b + mask) V    (b = -log(block_size) by default)
+    sigmoid:  y = sigmoid(Q K^T / sqrt(d) + b + mask) V    (b = -log(block_size) - 4 by default)
 
-Sigmoid attention and its recipe (b = -log n, QK-norm, LayerScale, hybrid norm) follow Ramapuram et
-al. 2024, "Theory, Analysis, and Best Practices for Sigmoid Self-Attention". Positions: 'learned'
-(GPT-2's wpe, added in model.py), 'rope' (rotary, Su et al. 2021) or 'alibi' (Press et al. 2022).
+Sigmoid attention and its recipe (QK-norm, hybrid norm, LayerScale, b = -log n) follow Ramapuram et
+al. 2024, "Theory, Analysis, and Best Practices for Sigmoid Self-Attention"; resolve_recipe says
+what the defaults are. Positions: 'learned' (GPT-2's wpe, added in model.py), 'rope' (rotary, Su et
+al. 2021) or 'alibi' (Press et al. 2022).
 """
+import dataclasses
 import math
+import re
 import sys
 
 import torch
@@ -18,14 +21,45 @@ import flash_sigmoid
 from configurable import ConfigError
 
 
+# The bias of the default sigmoid, b = -log(n) - 4. The paper's -log(n) makes n zero scores sum to 1,
+# as a softmax row does, so attention starts at softmax's size. With hybrid norm the output is
+# normalised anyway, and b only sets how much weight the keys a query doesn't match keep: with -4,
+# e^-4 ~ 2% of a weight among all n of them, a near-sparse start. Measured: within the noise of the
+# best bias at blocks 64 and 256, and better than -log(n) at 1024, where an offset of 5.6 was better
+# still (results/sigmoid_vs_softmax.md).
+HYBRID_BIAS_OFFSET = 4.0
+
+
 def parse_sigmoid_bias(value):
-    """'auto' | 'learnable' | a number (as text or float) -> 'auto' | 'learnable' | float."""
-    if value in ("auto", "learnable"):
+    """'learnable' | '-log_n' | '-log_n-C' | a number (text or float) -> 'learnable' | ('-log_n', -C) | float
+    ('auto' is default_sigmoid_bias's). -log_n follows the context length n = block_size, even when cropped."""
+    if value == "learnable":
         return value
+    rule = re.fullmatch(r"-log_n(?:-(\d+(?:\.\d*)?))?", str(value).strip())
+    if rule:
+        return ("-log_n", -float(rule.group(1) or 0.0))
     bias = float(value)  # ValueError for anything else
     if not math.isfinite(bias):
         raise ValueError(f"sigmoid_bias must be finite, got {value!r}")
     return bias
+
+
+def default_sigmoid_bias(hybrid_norm):
+    """What sigmoid_bias=auto means: -log_n-4 with hybrid norm (the sparse start above), else the paper's -log_n."""
+    return f"-log_n-{HYBRID_BIAS_OFFSET:g}" if hybrid_norm else "-log_n"
+
+
+def resolve_recipe(cfg):
+    """cfg (a TrainConfig) with its recipe keys made concrete, as a GPTConfig needs them. By default
+    (auto) --attn=sigmoid trains the paper's recipe with a sparser bias, the best measured here:
+    QK-norm and RoPE (on for both kinds), hybrid norm (a LayerNorm on attention's output before the
+    residual add) with LayerScale on both branches (starting at layerscale_init), and b = -log(n) - 4.
+    Hybrid norm and LayerScale made softmax worse on every preset, so its auto is off."""
+    sigmoid = cfg.attn == "sigmoid"
+    hybrid_norm = sigmoid if cfg.hybrid_norm is None else cfg.hybrid_norm
+    layerscale = sigmoid if cfg.layerscale is None else cfg.layerscale
+    bias = default_sigmoid_bias(hybrid_norm) if cfg.sigmoid_bias == "auto" else cfg.sigmoid_bias
+    return dataclasses.replace(cfg, hybrid_norm=hybrid_norm, layerscale=layerscale, sigmoid_bias=bias)
 
 
 def triton_unusable_reason(head_dim, device="auto"):
@@ -66,10 +100,11 @@ def check_attention_config(cfg):
         raise ConfigError(f"rope needs an even head dim, got n_embd/n_head = {head_dim}: "
                           f"change --n_embd or --n_head, or use --pos_emb=learned")
     try:
-        parse_sigmoid_bias(cfg.sigmoid_bias)
+        if cfg.sigmoid_bias != "auto":
+            parse_sigmoid_bias(cfg.sigmoid_bias)
     except (TypeError, ValueError):
-        raise ConfigError(f"--sigmoid_bias expects auto, learnable or a number like -5.5, "
-                          f"got {cfg.sigmoid_bias!r}") from None
+        raise ConfigError(f"--sigmoid_bias expects auto, learnable, -log_n, -log_n-C (C a number, e.g. "
+                          f"-log_n-4) or a number like -5.5, got {cfg.sigmoid_bias!r}") from None
     unused = [f"--{key}={getattr(cfg, key)}" for key in ("sigmoid_bias", "sigmoid_backend") if getattr(cfg, key) != "auto"]
     if cfg.attn == "softmax" and unused:
         print(f"warning: {', '.join(unused)} ignored: for sigmoid attention only, and this is --attn=softmax", file=sys.stderr)
@@ -166,15 +201,19 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(self.n_head), persistent=False)
         # backend 'auto' uses the kernel for CUDA inputs when it is there and fits the head dim
         self.kernel_fits = flash_sigmoid.kernel_available() and self.head_dim in flash_sigmoid.SUPPORTED_HEAD_DIMS
-        self.auto_bias = False
+        self.bias_offset = None  # b = -log(block_size) + bias_offset when the bias follows the context length
         self.sigmoid_bias = None
         if self.attn == "sigmoid":  # only sigmoid has the bias: an unused parameter would upset DDP
-            bias = parse_sigmoid_bias(config.sigmoid_bias)
-            self.auto_bias = bias == "auto"
-            if bias == "learnable":  # one per head, starting at the paper's -log(n)
-                self.sigmoid_bias = nn.Parameter(torch.full((self.n_head,), -math.log(config.block_size)))
-            else:  # a fixed b = -log(block_size), not -log(T): a token's output must not depend on the sequence length
-                self.sigmoid_bias = -math.log(config.block_size) if self.auto_bias else bias
+            auto = parse_sigmoid_bias(default_sigmoid_bias(config.hybrid_norm))
+            bias = auto if config.sigmoid_bias == "auto" else parse_sigmoid_bias(config.sigmoid_bias)
+            if bias == "learnable":  # one per head, starting where the default bias is
+                start = -math.log(config.block_size) + auto[1]
+                self.sigmoid_bias = nn.Parameter(torch.full((self.n_head,), start))
+            elif isinstance(bias, tuple):  # -log(block_size), not -log(T): a token's output must not depend on T
+                self.bias_offset = bias[1]
+                self.sigmoid_bias = -math.log(config.block_size) + self.bias_offset
+            else:
+                self.sigmoid_bias = bias
         self.record_norm = False  # set True to keep last_out_norm (train.py's --log_attn_norm)
         self.last_out_norm = None
 
@@ -225,9 +264,9 @@ class CausalSelfAttention(nn.Module):
         return flash_sigmoid.sigmoid_attention_reference(q, k, v, **args)
 
     def crop_block_size(self, block_size):
-        """Shorten the context (model.crop_block_size); an 'auto' sigmoid bias follows -log(block_size)."""
+        """Shorten the context (model.crop_block_size); a -log_n sigmoid bias follows -log(block_size)."""
         self.block_size = block_size
         if self.pos_emb == "rope":
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
-        if self.auto_bias:
-            self.sigmoid_bias = -math.log(block_size)
+        if self.bias_offset is not None:
+            self.sigmoid_bias = -math.log(block_size) + self.bias_offset

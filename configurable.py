@@ -18,6 +18,9 @@ import typing
 from dataclasses import dataclass
 
 
+AutoBool = typing.Optional[bool]  # true, false or auto (None): a default that follows another key, e.g. attn
+
+
 class ConfigError(ValueError):
     """Bad user input at config time; the message is one line saying how to fix it."""
 
@@ -57,12 +60,14 @@ class TrainConfig:
     dropout: float = opt(0.2, "dropout probability (embeddings, residual branches and attention weights, softmax and sigmoid alike); 0.0 for pretraining, 0.1+ for finetuning")
     bias: bool = opt(False, "bias in Linear and LayerNorm layers (GPT-2 has them)")
     # attention
-    attn: str = opt("softmax", "attention kind; the default sigmoid is the paper's recipe (Ramapuram et al. 2024), "
-                               "sigmoid(QK^T/sqrt(d) - log(block_size))V with QK-norm and RoPE, which keeps early attention "
-                               "bounded and matched softmax at block 256; softmax gets the same QK-norm and RoPE",
+    attn: str = opt("softmax", "attention kind; the default sigmoid is the paper's recipe (Ramapuram et al. 2024) with a "
+                               "sparser start: sigmoid(QK^T/sqrt(d) + b)V with b = -log(block_size) - 4, QK-norm, RoPE, "
+                               "hybrid norm and LayerScale 0.1, which matched or beat softmax at blocks 64 and 256; softmax gets the same "
+                               "QK-norm and RoPE, and no hybrid norm or LayerScale, which made it worse",
                     choices=("softmax", "sigmoid"))
-    sigmoid_bias: str = opt("auto", "sigmoid attention bias: 'auto' = -log(block_size), 'learnable' = one learned "
-                                    "bias per head starting at -log(block_size), or a number like -5.5 or 0")
+    sigmoid_bias: str = opt("auto", "sigmoid attention bias b: auto = -log_n-4 with hybrid norm, else -log_n; -log_n-C = "
+                                    "-log(block_size) - C; learnable = one learned bias per head starting at auto's; "
+                                    "or a number like -5.5")
     sigmoid_backend: str = opt("auto", "sigmoid attention implementation; auto = Triton kernel on CUDA, else torch",
                                choices=("auto", "triton", "torch"))
     qk_norm: bool = opt(True, "normalise queries and keys before their dot product (both kinds): bounds sigmoid's early "
@@ -70,9 +75,11 @@ class TrainConfig:
     qk_scale: str = opt("fixed", "scores q.k/sqrt(head_dim) as they are (fixed) or times a learned per-head factor "
                                  "starting at 1 (learnable), which lifts QK-norm's ceiling of sqrt(head_dim)",
                         choices=("fixed", "learnable"))
-    layerscale: bool = opt(False, "scale each residual branch by a learned per-channel factor")
-    layerscale_init: float = opt(1e-4, "initial LayerScale factor")
-    hybrid_norm: bool = opt(False, "also normalise each attention output before the residual add")
+    layerscale: AutoBool = opt(None, "scale each residual branch by a learned per-channel factor; auto = on for sigmoid, "
+                                     "off for softmax")
+    layerscale_init: float = opt(0.1, "initial LayerScale factor")
+    hybrid_norm: AutoBool = opt(None, "also normalise each attention output before the residual add; auto = on for "
+                                      "sigmoid, off for softmax")
     pos_emb: str = opt("rope", "position information (both kinds); rope helps both at block 1024 and sigmoid at 256; "
                                "learned is nanoGPT/GPT-2's", choices=("learned", "rope", "alibi"))
     log_attn_norm: bool = opt(False, "log the mean L2 norm of each layer's attention output at log steps")
@@ -97,7 +104,8 @@ class TrainConfig:
 
 
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-_EXPECTS = {int: "an int", float: "a float", bool: "true or false", str: "a string"}
+_EXPECTS = {int: "an int", float: "a float", bool: "true or false", str: "a string", AutoBool: "true, false or auto"}
+_NAMES = {AutoBool: "bool|auto"}
 
 
 def _keys(config_cls):
@@ -105,7 +113,7 @@ def _keys(config_cls):
     hints = typing.get_type_hints(config_cls)  # resolves annotations written as strings
     for f in dataclasses.fields(config_cls):
         if hints[f.name] not in _EXPECTS:
-            raise TypeError(f"{config_cls.__name__}.{f.name}: a config key must be an int, float, bool or str")
+            raise TypeError(f"{config_cls.__name__}.{f.name}: a config key must be an int, float, bool, AutoBool or str")
     return {f.name: (hints[f.name], f.metadata.get("choices")) for f in dataclasses.fields(config_cls)}
 
 
@@ -113,6 +121,10 @@ def _convert(label, typ, choices, value):
     """Check one value against its key's type. Text (the command line, a quoted TOML string) is
     parsed; any other value must have the type already, except that an int is fine for a float."""
     fail = ConfigError(f"{label} expects {_EXPECTS[typ]}, got {value!r}")
+    if typ == AutoBool:
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        typ = bool
     if isinstance(value, str) and typ is not str:
         text = value.strip().lower()
         if typ is bool and text not in _BOOLS:
@@ -193,14 +205,14 @@ def split_argv(argv, config_cls=TrainConfig):
             key = key.replace("-", "_")
             if eq:
                 pass
-            elif keys.get(key, (None,))[0] is bool:
+            elif keys.get(key, (None,))[0] in (bool, AutoBool):
                 value = "true"
                 if nxt is not None and nxt.strip().lower() in _BOOLS:
                     value, i = nxt, i + 1
             elif nxt is not None and not nxt.startswith("--"):
                 value, i = nxt, i + 1
             elif key in keys:
-                raise ConfigError(f"--{key} needs a value: --{key}=<{keys[key][0].__name__}>")
+                raise ConfigError(f"--{key} needs a value: --{key}=<{_type_name(keys[key][0])}>")
             overrides.append((key, value))  # an unknown key is reported when the value is checked
         elif arg.endswith(".toml"):
             presets.append(arg)
@@ -219,7 +231,13 @@ def load_config(argv, config_cls=TrainConfig, default_presets=()):
     return config_cls(**values)
 
 
+def _type_name(typ):
+    return _NAMES.get(typ, getattr(typ, "__name__", str(typ)))
+
+
 def _show(value):
+    if value is None:
+        return "auto"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, str) and (value == "" or value != value.strip() or "\n" in value):
@@ -234,7 +252,7 @@ def help_text(config_cls=TrainConfig, prog="train.py", description=""):
     keys = _keys(config_cls)
     for f in dataclasses.fields(config_cls):
         typ, choices = keys[f.name]
-        line = f"  --{f.name}=<{typ.__name__}> (default: {_show(f.default)}) {f.metadata.get('help', '')}"
+        line = f"  --{f.name}=<{_type_name(typ)}> (default: {_show(f.default)}) {f.metadata.get('help', '')}"
         lines.append(line + (f" [choices: {'|'.join(map(str, choices))}]" if choices else ""))
     return "\n".join(lines)
 

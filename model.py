@@ -1,7 +1,8 @@
 """A GPT language model, after nanoGPT's model.py, with a choice of attention (see attention.py).
 
 Beyond GPT-2: sigmoid attention, grouped-query attention, QK-norm and RoPE (on by default, for both
-attention kinds: the sigmoid recipe's), LayerScale, hybrid norm, ALiBi, and a KV cache for generation.
+attention kinds: the sigmoid recipe's), LayerScale and hybrid norm (on by default for sigmoid only),
+ALiBi, and a KV cache for generation.
 References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy), sigmoid attention (Ramapuram et al. 2024),
 LayerScale (Touvron et al. 2021, CaiT).
 """
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import CausalSelfAttention, KVCache
+from attention import CausalSelfAttention, KVCache, resolve_recipe
 from configurable import ConfigError
 
 
@@ -25,6 +26,14 @@ class ModelLoadError(RuntimeError):
 
 # model keys added after checkpoints were written without them, with the value that means the old model
 LATER_KEYS = {"qk_scale": "fixed"}
+# model values whose spelling changed: sigmoid_bias 'auto' in a checkpoint meant -log(block_size)
+OLD_VALUES = {("sigmoid_bias", "auto"): "-log_n"}
+
+
+def checkpoint_model_args(ckpt):
+    """A checkpoint's GPTConfig fields, in today's spelling (LATER_KEYS and OLD_VALUES)."""
+    args = {**LATER_KEYS, **(ckpt.get("model_args") or {})}
+    return {k: OLD_VALUES.get((k, v), v) if isinstance(v, str) else v for k, v in args.items()}
 
 
 @dataclass
@@ -38,18 +47,20 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     attn: str = "softmax"  # softmax | sigmoid
-    sigmoid_bias: str = "auto"  # auto (= -log(block_size)) | learnable | a number
+    sigmoid_bias: str = "auto"  # auto (-log_n-4 with hybrid norm, else -log_n) | -log_n-C | learnable | a number
     sigmoid_backend: str = "auto"  # auto | triton | torch
     qk_norm: bool = True  # the sigmoid recipe's, for both kinds (GPT-2 has none)
     qk_scale: str = "fixed"  # fixed (1/sqrt(head_dim)) | learnable (times a learned per-head factor)
     layerscale: bool = False
-    layerscale_init: float = 1e-4
+    layerscale_init: float = 0.1
     hybrid_norm: bool = False
     pos_emb: str = "rope"  # rope | learned (GPT-2's) | alibi
 
     @classmethod
     def from_train_config(cls, cfg, vocab_size):
-        """The model's keys picked out of a TrainConfig (vocab_size comes from the dataset)."""
+        """The model's keys picked out of a TrainConfig, its auto recipe keys made concrete
+        (vocab_size comes from the dataset)."""
+        cfg = resolve_recipe(cfg)
         return cls(vocab_size=vocab_size, **{f.name: getattr(cfg, f.name) for f in fields(cls) if f.name != "vocab_size"})
 
 
@@ -190,7 +201,7 @@ class GPT(nn.Module):
         sigmoid_backend or dropout. Raises ModelLoadError (one line) for a checkpoint that doesn't fit."""
         if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
             raise ModelLoadError("not a train.py checkpoint (no model_args or model): check the path")
-        model_args = {**LATER_KEYS, **ckpt["model_args"]}
+        model_args = checkpoint_model_args(ckpt)
         expected, got = {f.name for f in fields(GPTConfig)}, set(model_args)
         if got != expected:
             raise ModelLoadError(f"checkpoint is from another model version (model_args unknown: {sorted(got - expected)}, "

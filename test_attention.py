@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import flash_sigmoid
-from attention import CausalSelfAttention, alibi_slopes, apply_rope, check_attention_config, rope_cos_sin
+from attention import (CausalSelfAttention, alibi_slopes, apply_rope, check_attention_config, resolve_recipe,
+                       rope_cos_sin)
 from configurable import ConfigError, TrainConfig
 from model import GPT, GPTConfig
 
@@ -212,6 +213,8 @@ REFUSED = [
     (dict(n_embd=36, n_head=4, pos_emb="rope"), "--pos_emb=learned"),
     (dict(sigmoid_bias="abc"), "-5.5"),
     (dict(attn="sigmoid", sigmoid_bias="nan"), "-5.5"),
+    (dict(attn="sigmoid", sigmoid_bias="-log(n)-4"), "-log_n-4"),
+    (dict(attn="sigmoid", sigmoid_bias="-log_n+4"), "-log_n-4"),
     (dict(attn="sigmoid", sigmoid_backend="triton", device="cpu"), "--sigmoid_backend=auto"),
     (dict(attn="sigmoid", sigmoid_backend="triton", n_embd=384, n_head=4), "--sigmoid_backend=auto"),  # head dim 96
 ]
@@ -228,23 +231,63 @@ def test_check_attention_config_refuses_in_one_line(changes, fix, monkeypatch):
 @pytest.mark.parametrize("changes", [
     dict(), dict(attn="sigmoid"), dict(attn="sigmoid", sigmoid_bias="learnable", pos_emb="alibi", n_kv_head=2),
     dict(attn="sigmoid", sigmoid_bias="-5.5", pos_emb="rope"), dict(attn="sigmoid", sigmoid_bias="0"),
+    dict(attn="sigmoid", sigmoid_bias="-log_n"), dict(attn="sigmoid", sigmoid_bias="-log_n-3.5", hybrid_norm=False),
     dict(attn="softmax", sigmoid_bias="learnable", sigmoid_backend="triton", device="cpu"),  # sigmoid keys unused
 ])
 def test_check_attention_config_accepts(changes):
     check_attention_config(dataclasses.replace(TrainConfig(), **changes))
 
 
-def test_default_sigmoid_is_the_papers_recipe_and_softmax_differs_only_in_kind():
-    """--attn=sigmoid with no other flag: b = -log(block_size), QK-norm and RoPE; softmax gets the same
-    QK-norm and positions, so the two defaults differ in the attention kind alone."""
+def test_default_sigmoid_is_the_recipe_and_softmax_keeps_what_helps_it():
+    """--attn=sigmoid with no other flag: QK-norm, RoPE, hybrid norm, LayerScale 0.1 on both branches and
+    b = -log(block_size) - 4; softmax gets the same QK-norm and positions and neither hybrid norm nor
+    LayerScale (they made it worse), so the models differ in those alone."""
     cfg = TrainConfig(attn="sigmoid")
     sigmoid = GPT(GPTConfig.from_train_config(cfg, vocab_size=50))
     softmax = GPT(GPTConfig.from_train_config(dataclasses.replace(cfg, attn="softmax"), vocab_size=50))
-    layer = sigmoid.transformer.h[0].attn
-    assert layer.sigmoid_bias == -math.log(cfg.block_size)
+    layer, block = sigmoid.transformer.h[0].attn, sigmoid.transformer.h[0]
+    assert layer.sigmoid_bias == pytest.approx(-math.log(cfg.block_size) - 4)
     assert isinstance(layer.q_norm, torch.nn.LayerNorm) and layer.pos_emb == "rope" and "wpe" not in sigmoid.transformer
-    assert dataclasses.replace(sigmoid.config, attn="softmax") == softmax.config
-    assert sorted(sigmoid.state_dict()) == sorted(softmax.state_dict())  # the same parameters
+    assert isinstance(block.ln_attn, torch.nn.LayerNorm)
+    assert torch.all(block.ls_1.gamma == 0.1) and torch.all(block.ls_2.gamma == 0.1)
+    soft_block = softmax.transformer.h[0]
+    assert isinstance(soft_block.ln_attn, torch.nn.Identity) and isinstance(soft_block.ls_1, torch.nn.Identity)
+    assert isinstance(softmax.transformer.h[0].attn.q_norm, torch.nn.LayerNorm)
+    differ = {k for k, v in dataclasses.asdict(sigmoid.config).items() if getattr(softmax.config, k) != v}
+    assert differ == {"attn", "hybrid_norm", "layerscale", "sigmoid_bias"}  # sigmoid_bias is unused by softmax
+
+
+@pytest.mark.parametrize("changes,bias,hybrid,layerscale", [
+    (dict(), "-log_n-4", True, True),
+    (dict(hybrid_norm=False), "-log_n", False, True),  # without hybrid norm auto is the paper's -log n
+    (dict(layerscale=False), "-log_n-4", True, False),
+    (dict(sigmoid_bias="-3"), "-3", True, True),
+    (dict(attn="softmax"), "-log_n", False, False),
+    (dict(attn="softmax", hybrid_norm=True), "-log_n-4", True, False),
+])
+def test_resolve_recipe_makes_auto_concrete(changes, bias, hybrid, layerscale):
+    cfg = resolve_recipe(dataclasses.replace(TrainConfig(attn="sigmoid"), **changes))
+    assert (cfg.sigmoid_bias, cfg.hybrid_norm, cfg.layerscale) == (bias, hybrid, layerscale)
+    assert resolve_recipe(cfg) == cfg  # idempotent: checkpoints hold the concrete values
+
+
+@pytest.mark.parametrize("value,want", [
+    ("-log_n", lambda n: -math.log(n)), ("-log_n-4", lambda n: -math.log(n) - 4),
+    ("-log_n-2.5", lambda n: -math.log(n) - 2.5), ("-7", lambda n: -7.0), ("auto", lambda n: -math.log(n)),
+])
+def test_sigmoid_bias_values_and_crop(value, want):
+    """-log_n rules follow the block size when the model is cropped; a number stays; auto without
+    hybrid norm (GPTConfig's default) is -log_n."""
+    layer = CausalSelfAttention(tiny_config(attn="sigmoid", block_size=32, sigmoid_bias=value))
+    assert layer.sigmoid_bias == pytest.approx(want(32))
+    layer.crop_block_size(16)
+    assert layer.sigmoid_bias == pytest.approx(want(16) if "log_n" in value or value == "auto" else want(32))
+
+
+def test_learnable_bias_starts_at_the_default():
+    for hybrid, offset in ((True, 4.0), (False, 0.0)):
+        layer = CausalSelfAttention(tiny_config(attn="sigmoid", block_size=32, sigmoid_bias="learnable", hybrid_norm=hybrid))
+        torch.testing.assert_close(layer.sigmoid_bias.data, torch.full((layer.n_head,), -math.log(32) - offset))
 
 
 @pytest.mark.parametrize("changes,shown", [

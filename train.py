@@ -36,11 +36,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from attention import check_attention_config
+from attention import check_attention_config, resolve_recipe
 from configurable import (ConfigError, TrainConfig, config_to_dict, load_config, load_preset,
                           parse_args, split_argv)
-from model import (GPT, GPTConfig, ModelLoadError, load_checkpoint_file, resolve_device,
-                   resolve_dtype)
+from model import (GPT, GPTConfig, ModelLoadError, checkpoint_model_args, load_checkpoint_file,
+                   resolve_device, resolve_dtype)
 from prepare_data import DataError, check_bin, load_meta, prepare, tokenizer_from_meta
 
 HERE = Path(__file__).resolve().parent
@@ -109,7 +109,7 @@ def load_train_config(argv, master):
     if cfg.learning_rate <= 0:
         raise ConfigError(f"--learning_rate must be more than 0, got {cfg.learning_rate}")
     check_attention_config(cfg)
-    return cfg
+    return resolve_recipe(cfg)  # auto recipe keys made concrete, so checkpoints and logs say what ran
 
 
 def pick_device(cfg, local_rank):
@@ -240,7 +240,7 @@ def load_checkpoint(path):
 def check_resumable(cfg, meta, ckpt, path):
     """One line naming what differs when the checkpoint is another model or another dataset."""
     want = dataclasses.asdict(GPTConfig.from_train_config(cfg, meta["vocab_size"]))
-    have = ckpt.get("model_args") or {}
+    have = checkpoint_model_args(ckpt)
     # a GPT-2 finetune is resumed with the command that started it: its shape is the checkpoint's
     from_gpt2 = str((ckpt.get("config") or {}).get("init_from")).startswith("gpt2")
     skip = RESUME_MAY_CHANGE + ("vocab_size",) + (GPT2_SHAPE if from_gpt2 else ())

@@ -6,7 +6,8 @@
     python benchmarks/bench_train.py presets/gpt2_124m.toml --variants=softmax:1,sigmoid:1 --losses=plain,chunked --largest_batch
 
 Model keys come from the presets and --key=value overrides, as train.py takes them (--dropout=0.1
-measures with dropout). Each variant (attn:compile) and loss (--losses: chunked = model.py's
+measures with dropout). Each kind gets its defaults, so sigmoid also has hybrid norm and LayerScale;
+--hybrid_norm=false --layerscale=false times the two kinds on the same blocks. Each variant (attn:compile) and loss (--losses: chunked = model.py's
 linear_cross_entropy, plain = F.cross_entropy on all the logits) builds the model, runs --warmup
 steps (compilation happens there), then times --iters full steps (forward, backward, fused AdamW)
 of batch_size x block_size random tokens in bf16 autocast. --largest_batch adds, per row, a row at

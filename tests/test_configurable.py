@@ -78,6 +78,19 @@ def test_bare_bool_key_means_true():
     assert parse_args(["--compile=false", "--eval_only", "--compile"]) == TrainConfig(compile=True, eval_only=True)
 
 
+def test_auto_bool_keys_take_true_false_or_auto(tmp_path, capsys):
+    """hybrid_norm and layerscale default to auto (None: on for sigmoid, off for softmax)."""
+    assert TrainConfig().hybrid_norm is None and parse_args(["--hybrid_norm=auto"]).hybrid_norm is None
+    assert parse_args(["--hybrid_norm"]).hybrid_norm is True  # bare, as a bool key
+    assert parse_args(["--hybrid_norm", "off", "--layerscale=yes"]) == TrainConfig(hybrid_norm=False, layerscale=True)
+    preset = write(tmp_path, "p.toml", 'hybrid_norm = true\nlayerscale = "auto"\n')
+    assert parse_args([preset]) == TrainConfig(hybrid_norm=True, layerscale=None)
+    assert error_of(["--hybrid_norm=maybe"], capsys) == "error: --hybrid_norm expects true, false or auto, got 'maybe'"
+    bad = write(tmp_path, "bad.toml", "layerscale = 1\n")
+    assert "layerscale expects true, false or auto" in error_of([bad], capsys)
+    assert config_from_dict(TrainConfig, config_to_dict(TrainConfig())) == TrainConfig()  # None survives a checkpoint
+
+
 def test_later_override_wins():
     assert parse_args(["--max_iters=1", "--max_iters=2"]).max_iters == 2
 
@@ -175,7 +188,7 @@ def test_help_lists_every_key(capsys):
     key_lines = [line for line in lines if line.startswith("  --")]
     assert [line.split("=")[0].strip("- ") for line in key_lines] == KEYS  # one line each, declaration order
     for line, f in zip(key_lines, dataclasses.fields(TrainConfig)):
-        shown = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+        shown = "auto" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
         assert f"(default: {shown})" in line and f.metadata["help"] in line
     assert any(line.startswith("  --attn=<str> (default: softmax) attention kind; the default sigmoid is the paper's recipe")
                and line.endswith("[choices: softmax|sigmoid]") for line in lines)

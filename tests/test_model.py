@@ -303,3 +303,16 @@ def test_checkpoint_without_a_later_key_loads_as_the_old_model():
     assert again.config.qk_scale == "fixed"
     idx = torch.randint(0, 65, (2, 16))
     torch.testing.assert_close(again(idx, all_logits=True)[0], model(idx, all_logits=True)[0], rtol=0, atol=0)
+
+
+def test_checkpoint_with_the_old_auto_bias_keeps_its_bias():
+    """sigmoid_bias 'auto' in a checkpoint was written when auto meant -log(block_size), with or without
+    hybrid norm; today's auto with hybrid norm is -log(block_size) - 4: the checkpoint keeps its bias."""
+    model = GPT(tiny_config(attn="sigmoid", sigmoid_bias="-log_n", hybrid_norm=True, layerscale=True)).eval()
+    ckpt = checkpoint_of(model)
+    ckpt["model_args"]["sigmoid_bias"] = "auto"
+    again = GPT.from_checkpoint(ckpt).eval()
+    assert again.config.sigmoid_bias == "-log_n"
+    assert again.transformer.h[0].attn.sigmoid_bias == pytest.approx(-math.log(16))
+    idx = torch.randint(0, 65, (2, 16))
+    torch.testing.assert_close(again(idx, all_logits=True)[0], model(idx, all_logits=True)[0], rtol=0, atol=0)
