@@ -131,8 +131,8 @@ def test_missing_dataset_is_one_line_before_any_run(tmp_path):
     assert result.returncode == 0 and result.stderr.count("note: ") == 2 and result.stdout.count("train.py") == 6
 
 
-@pytest.mark.parametrize("name, n_runs", [("sigmoid_recipe.toml", 11), ("long_context.toml", 13),
-                                          ("hybrid_bias.toml", 8)])
+@pytest.mark.parametrize("name, n_runs", [("sigmoid_recipe.toml", 11), ("long_context.toml", 15),
+                                          ("long_context_4096.toml", 9), ("hybrid_bias.toml", 9)])
 def test_shipped_ablation_files_validate(name, n_runs):
     result = ablate(f"ablations/{name}", "--dry_run")
     assert result.returncode == 0, result.stderr
