@@ -25,8 +25,8 @@ from configurable import ConfigError
 # as a softmax row does, so attention starts at softmax's size. With hybrid norm the output is
 # normalised anyway, and b only sets how much weight the keys a query doesn't match keep: with -4,
 # e^-4 ~ 2% of a weight among all n of them, a near-sparse start. Measured: within the noise of the
-# best bias at blocks 64 and 256, and better than -log(n) at 1024, where an offset of 5.6 was better
-# still (results/sigmoid_vs_softmax.md).
+# best bias at blocks 64 and 256, better than -log(n) at 1024 (an offset of 5.6 was no better on the
+# same seeds) and at 4096 better than 5.6 (results/sigmoid_vs_softmax.md).
 HYBRID_BIAS_OFFSET = 4.0
 
 
