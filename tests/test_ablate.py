@@ -1,5 +1,6 @@
 """ablate.py end to end on the CPU: a 2-run x 2-seed ablation of a tiny model, each ablate.py a subprocess."""
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -58,9 +59,14 @@ def test_ablation_runs_every_seed_and_writes_the_report(done):
         row = next(line for line in table.splitlines() if line.startswith(f"| {run} |"))
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[1] == "1, 2" and cells[2] == "6"  # seeds, last eval iter
-        assert float(cells[3].split()[0]) > 0 and float(cells[4].split()[0]) > 0  # best and final val loss
-        assert float(cells[5].split()[0]) > 0 and ".." in cells[5]  # the copy probe at the best eval, per seed
-        assert ".." in cells[3] and "--max_iters=6" in cells[8]  # (min..max) spread; the command
+        evals = [[r for r in map(json.loads, (tmp / "out" / run / f"seed{seed}" / "log.jsonl").read_text().splitlines())
+                  if "val_loss" in r] for seed in (1, 2)]
+        at_best = [min(e, key=lambda r: r["val_loss"]) for e in evals]
+        assert cells[3].split()[0] == f"{sum(r['val_loss'] for r in at_best) / 2:.4f}"  # best val loss, mean of seeds
+        assert cells[4].split()[0] == f"{sum(r['train_loss'] for r in at_best) / 2:.4f}"  # train loss at that eval
+        assert cells[5].split()[0] == f"{sum(e[-1]['val_loss'] for e in evals) / 2:.4f}"  # final val loss
+        assert float(cells[6].split()[0]) > 0 and ".." in cells[6]  # the copy probe at the best eval, per seed
+        assert ".." in cells[3] and "--max_iters=6" in cells[9]  # (min..max) spread; the command
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib not installed: val_loss.png is not made")
     assert (tmp / "out" / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -246,7 +246,7 @@ def report(path, out_root, jobs):
     rows, curves, copies = [], {}, {}
     for run in dict.fromkeys(j.run for j in jobs):
         mine = [j for j in jobs if j.run == run]
-        curves[run], copies[run], best, final, copy, speed, norm = {}, {}, [], [], [], [], []
+        curves[run], copies[run], best, train, final, copy, speed, norm = {}, {}, [], [], [], [], [], []
         for job in mine:
             log = job.log()
             evals = [r for r in log if r.get("val_loss") is not None]
@@ -256,6 +256,7 @@ def report(path, out_root, jobs):
             copies[run][job.seed] = [(r["iter"], r["copy_loss"]) for r in evals if r.get("copy_loss") is not None]
             at_best = min(evals, key=lambda r: r["val_loss"])
             best.append(at_best["val_loss"])
+            train += [at_best["train_loss"]] if at_best.get("train_loss") is not None else []
             final.append(evals[-1]["val_loss"])
             copy += [at_best["copy_loss"]] if at_best.get("copy_loss") is not None else []
             tps = [r["tokens_per_s"] for r in log if r.get("tokens_per_s")]
@@ -266,18 +267,20 @@ def report(path, out_root, jobs):
         iters = "-" if last is None else f"{last}" + ("" if last == mine[0].max_iters else f" of {mine[0].max_iters}")
         command = mine[0].shown.replace("|", "\\|")  # a | would end the table cell
         rows.append(f"| {run} | {', '.join(map(str, curves[run])) or 'not run'} | {iters} | {stat(best)} | "
-                    f"{stat(final)} | {stat(copy)} | {stat(speed, '{:,.0f}')} | {stat(norm, '{:.3f}')} | `{command}` |")
+                    f"{stat(train)} | {stat(final)} | {stat(copy)} | {stat(speed, '{:,.0f}')} | {stat(norm, '{:.3f}')} | `{command}` |")
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "results.md").write_text(
         f"# {out_root.name}\n\nFrom `{path}`. Each number is the mean over seeds, with (min..max) over seeds. "
-        "best = lowest val loss at any eval; final = val loss at the last eval; copy = the in-context copy probe's "
+        "best = lowest val loss at any eval; train = the loss on training batches at that eval (below softmax's "
+        "while val is above: a kind that fits the training text faster and generalises worse); final = val loss at "
+        "the last eval; copy = the in-context copy probe's "
         "loss (the second half of a run of val tokens repeated twice) at the best eval; tokens/s = each seed's median "
         "over its log steps; attn out norm = mean over layers of the attention output's L2 norm per token at the "
         "last log step (--log_attn_norm). The command is the first seed's; the others differ in --out_dir and "
         "--seed.\n\n"
-        "| run | seeds | iters | best val loss | final val loss | copy loss | tokens/s | attn out norm | command |\n"
-        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+        "| run | seeds | iters | best val loss | train loss there | final val loss | copy loss | tokens/s | attn out norm "
+        "| command |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(f"wrote {out_root / 'results.md'}")
     plot(curves, copies, out_root)
 
