@@ -40,7 +40,8 @@ except ImportError:  # the PyTorch reference below still works
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # dQ fused into the dK/dV kernel (atomic adds) from this head dim up. Measured on an H200, fwd+bwd
 # against the two-kernel backward (results/kernel_speed.md): +4-5% at D=128, T=4096; 0.87-1.06x
-# at D=64, slower at T <= 4096 (GPT-2's T=1024 causal: 0.91x), where the fp32 atomics cost more than the matmuls saved.
+# at D=64, slower at T <= 4096 (GPT-2's T=1024 causal: 0.91x), where the fp32 atomics cost more
+# than the matmuls saved.
 FUSE_DQ_MIN_HEAD_DIM = 128
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on the CPU, no inline asm there
 # tanh.approx.f32: one special-function op per score; the interpreter uses tl.sigmoid instead
