@@ -3,6 +3,7 @@ machine: every kernel is compiled for an H100 (sm_90) without a GPU, and ptxas r
 
     python benchmarks/kernel_resources.py                           # bf16, head dims 64 and 128, causal and not
     python benchmarks/kernel_resources.py --head-dims 128 --dtype fp16 --dropout --alibi
+    python benchmarks/kernel_resources.py --head-dims 64 --causal no --loop [--dropout]   # + inner-loop instructions
 
 Use it before spending GPU time on a block-shape or kernel change. A thread has at most 255
 registers; "spill" bytes are registers moved to local memory, and shared memory above 227 KiB per
@@ -11,7 +12,14 @@ pointers, integers divisible by 16 marked, GROUP=1 folded): compiled without tha
 come out far higher, and point at a register problem the real kernels do not have (the reverted
 TMA experiment in results/kernel_speed.md). Counts differ between Triton versions: run it with the
 GPU's.
+
+--loop also disassembles each kernel (nvdisasm, shipped with Triton) and counts the machine
+instructions of its longest loop, the one over key or query tiles: what one thread issues per
+tile, and the most frequent opcodes. Per-score work shows up there; for the forward at head dim
+64, tile 128 x 64 on 8 warps (32 scores a thread), dropout's integer hash took the loop from 221
+instructions to 557 (results/kernel_speed.md).
 """
+import collections
 import argparse
 import os
 import re
@@ -76,8 +84,32 @@ def launch_signature(kernel, constexprs, args):
     return signature, constants, attrs
 
 
-def resources(kernel, config, constexprs, args):
-    """(registers per thread, spill store bytes, shared memory bytes) of one compiled config."""
+def loop_opcodes(cubin: bytes) -> collections.Counter:
+    """Opcode counts of the longest loop (a backward branch's span) in a cubin's disassembly."""
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(90).path), "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    code, labels = [], {}  # (address, opcode, operands); label -> address of the next instruction
+    for line in sass.splitlines():
+        if label := re.match(r"\s*(\.L_x_\d+):", line):
+            labels[label.group(1)] = None
+        elif ins := re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)\S*(.*)", line):
+            address = int(ins.group(1), 16)
+            labels.update({name: address for name, at in labels.items() if at is None})
+            code.append((address, ins.group(2), ins.group(3)))
+    loops = [(labels[target.group(1)], address) for address, op, rest in code
+             if op == "BRA" and (target := re.search(r"(\.L_x_\d+)", rest)) and labels[target.group(1)] < address]
+    if not loops:
+        return collections.Counter()
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    return collections.Counter(op for address, op, _ in code if start <= address <= end)
+
+
+def resources(kernel, config, constexprs, args, loop=False):
+    """(registers per thread, spill store bytes, shared memory bytes) of one compiled config, and
+    with loop the opcode counts of its inner loop."""
     signature, constants, attrs = launch_signature(kernel, {**constexprs, **config.kwargs}, args)
     compiled = triton.compile(ASTSource(kernel.fn, signature, constants, attrs), target=H100,
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
@@ -91,7 +123,8 @@ def resources(kernel, config, constexprs, args):
     spills = re.search(r"(\d+) bytes spill stores", report)
     if registers is None:
         raise RuntimeError(f"ptxas said: {report.strip()[-300:]}")
-    return int(registers.group(1)), int(spills.group(1)) if spills else 0, compiled.metadata.shared
+    ops = loop_opcodes(compiled.asm["cubin"]) if loop else None
+    return int(registers.group(1)), int(spills.group(1)) if spills else 0, compiled.metadata.shared, ops
 
 
 def main():
@@ -105,6 +138,7 @@ def main():
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--dropout", action="store_true", help="the kernels with attention dropout compiled in")
     p.add_argument("--alibi", action="store_true", help="the kernels with ALiBi compiled in")
+    p.add_argument("--loop", action="store_true", help="also the instructions of each kernel's inner loop, per thread")
     args = p.parse_args()
     for name in args.kernels.split(","):
         if name not in KERNELS:
@@ -114,7 +148,8 @@ def main():
             sys.exit(f"error: --head-dims takes {', '.join(map(str, fs.SUPPORTED_HEAD_DIMS))} (the kernel's); got {D}")
     print(f"triton {triton.__version__}, sm_90, {args.dtype}, T={args.seq_len}, {args.heads} heads, group {args.group}; "
           "config = (BLOCK_M, BLOCK_N, warps, stages)")
-    print(f"{'kernel':6} {'D':>4} causal {'config':18} {'registers':>9} {'spill B':>8} {'shared KiB':>10}")
+    print(f"{'kernel':6} {'D':>4} causal {'config':18} {'registers':>9} {'spill B':>8} {'shared KiB':>10}"
+          + ("  loop instructions (top opcodes)" if args.loop else ""))
     for D in args.head_dims:
         for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
             for name in args.kernels.split(","):
@@ -125,8 +160,10 @@ def main():
                 for config in kernel.configs:
                     shape = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
                     launch = launch_arguments(args.dtype, D, args.seq_len, args.heads, args.group)
-                    regs, spill, shared = resources(kernel, config, constexprs, launch)
-                    print(f"{name:6} {D:4} {causal!s:6} {str(shape):18} {regs:9} {spill:8} {shared / 1024:10.1f}", flush=True)
+                    regs, spill, shared, ops = resources(kernel, config, constexprs, launch, args.loop)
+                    top = f"  {sum(ops.values()):5} ({', '.join(f'{op} {n}' for op, n in ops.most_common(6))})" if args.loop else ""
+                    print(f"{name:6} {D:4} {causal!s:6} {str(shape):18} {regs:9} {spill:8} {shared / 1024:10.1f}{top}",
+                          flush=True)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,17 @@ def test_refuses_the_interpreter_and_bad_arguments_in_one_line():
     assert out.returncode != 0 and re.search(r"--kernels takes fwd, dkdv, dq; got 'bwd'", out.stderr)
     out = run("--head-dims", "48")
     assert out.returncode != 0 and "--head-dims takes 16, 32, 64, 128 (the kernel's); got 48" in out.stderr
+
+
+def test_loop_counts_the_inner_loop_and_sees_the_dropout_hash():
+    counts = {}
+    for dropout in ([], ["--dropout"]):
+        out = run("--head-dims", "16", "--kernels", "fwd", "--causal", "no", "--loop", *dropout)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows = [re.search(r"\)\s+\d+\s+\d+\s+[\d.]+\s+(\d+) \((.*)\)$", line) for line in out.stdout.splitlines()
+                if line.startswith("fwd")]
+        assert len(rows) == 6 and all(rows)
+        counts[bool(dropout)] = [int(row.group(1)) for row in rows]
+        assert all("MUFU" in row.group(2) or "FFMA" in row.group(2) for row in rows)  # tanh and its fma
+    # the hash adds integer work per score to every config's loop
+    assert all(with_hash > without for with_hash, without in zip(counts[True], counts[False]))
