@@ -192,10 +192,14 @@ if triton is not None:
             p = tl.where(qpos >= kpos, p, 0.0)
         return p
 
-    # Dropout mask: an integer hash per score instead of Philox. tl.rand runs Philox4x32-10 for each
-    # score (10 rounds of 2 mul.hi + 2 mul.lo + 4 xor/add: ~100 integer ops, 3 of its 4 words unused),
-    # 4-8x the kernel's time. Below, per score: an add, two xorshift-multiply rounds and a compare,
-    # 8 integer ops; the per-query and per-key parts are hashed on the (M, 1) and (1, N) vectors.
+    # Dropout mask: integer hashes instead of Philox. tl.rand runs Philox4x32-10 for each score (10
+    # rounds of 2 mul.hi + 2 mul.lo + 4 xor/add: ~100 integer ops, 3 of its 4 words unused), 4-8x the
+    # kernel's time. Below, each query and each key gets an odd 32-bit hash, on the (M,) and (N,)
+    # vectors, and a score's keep test multiplies the two: the high bits of a product depend on every
+    # bit of both factors. Per score that is a multiply, a compare and a select; the kept weights'
+    # 1 / (1 - p) scales the sums once, after the loop. (Adding the two hashes instead would make
+    # every row's mask a shifted copy of every other's; multiplying passes the same statistical
+    # checks as a full hash per score: keep rates, neighbours, row and column correlations.)
     @triton.jit
     def _mix32(x):
         """Wellons' lowbias32: a bijection of uint32 whose output bits each flip with about half the input bits."""
@@ -211,22 +215,24 @@ if triton is not None:
         return _mix32(key + bh.to(tl.uint32))  # a bijection: distinct heads, distinct streams
 
     @triton.jit
-    def _dropout_scale(stream, qpos, kpos, dropout_p):
-        """1 / (1 - p) where the weight of (query, key) is kept, 0 where dropped: a function of (seed,
-        batch*head, query, key) alone, so the forward and both backward kernels draw the same mask,
-        whichever way their tiles are transposed. tests/attention_float64.py rewrites it in torch."""
-        row = _mix32(stream ^ qpos.to(tl.uint32))  # per query
-        x = row + kpos.to(tl.uint32) * 0x9E3779B9  # per key: a golden-ratio (Weyl) step
-        # per score: lowbias32 without its last xorshift, which only moves high bits down: the keep
-        # test reads x as a number, decided by its high bits
-        x = (x ^ (x >> 16)) * 0x7FEB352D
-        x = (x ^ (x >> 15)) * 0x846CA68B
-        keep = x >= tl.cast(dropout_p * 4294967296.0, tl.uint32)  # P(keep) = 1 - p to within 2^-32
-        return tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+    def _query_hash(stream, qpos):
+        return _mix32(stream ^ qpos.to(tl.uint32)) | 1
+
+    @triton.jit
+    def _key_hash(stream, kpos):
+        return _mix32(_mix32(stream) ^ kpos.to(tl.uint32)) | 1  # keys hash from a stream of their own
+
+    @triton.jit
+    def _kept(query_hash, key_hash, dropout_p):
+        """Whether each weight is kept, from its query's and its key's hash broadcast against each other
+        ((M, 1) and (1, N), or transposed): a function of (seed, batch*head, query, key) alone, so the
+        forward and both backward kernels draw the same mask whatever their tiles. P(kept) = 1 - p to
+        within 2^-32. tests/attention_float64.py rewrites it in torch."""
+        return query_hash * key_hash >= tl.cast(dropout_p * 4294967296.0, tl.uint32)
 
     @triton.jit
     def _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
-                   half_scale, half_bias, half_slope, stream, dropout_p,
+                   half_scale, half_bias, half_slope, stream, q_hash, dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
@@ -238,8 +244,8 @@ if triton is not None:
             s = tl.dot(q, kT)  # (BLOCK_M, BLOCK_N)
             p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope,
                        MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
-            if DROPOUT:
-                p *= _dropout_scale(stream, offs_m[:, None], offs_n[None, :], dropout_p)
+            if DROPOUT:  # dropped weights are 0; the kept ones' 1 / (1 - p) scales O after the loop
+                p = tl.where(_kept(q_hash[:, None], _key_hash(stream, offs_n)[None, :], dropout_p), p, 0.0)
             acc = tl.dot(p.to(v.dtype), v, acc)
         return acc
 
@@ -265,22 +271,25 @@ if triton is not None:
         half_bias = 0.5 * tl.load(Bias + h)
         half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
         stream = _dropout_stream(Seed, bh) if DROPOUT else 0
+        q_hash = _query_hash(stream, offs_m) if DROPOUT else 0
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         # causal: the keys left of the diagonal block need no mask, the diagonal block does, none lie above it
         acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m if CAUSAL else T, T,
-                         half_scale, half_bias, half_slope, stream, dropout_p, HEAD_DIM=HEAD_DIM,
+                         half_scale, half_bias, half_slope, stream, q_hash, dropout_p, HEAD_DIM=HEAD_DIM,
                          BLOCK_N=BLOCK_N, MASK=False, HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
         if CAUSAL:
             acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
                              tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, stream,
-                             dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True, HAS_ALIBI=HAS_ALIBI,
+                             q_hash, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True, HAS_ALIBI=HAS_ALIBI,
                              DROPOUT=DROPOUT, FAST=FAST)
+        if DROPOUT:
+            acc *= 1.0 / (1.0 - dropout_p)  # the kept weights' scale
         tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
                  acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
 
     @triton.jit
     def _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_n, lo, hi, T,
-                    scale, half_scale, half_bias, half_slope, stream, dropout_p,
+                    dq_scale, half_scale, half_bias, half_slope, stream, k_hash, dropout_p,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr, FUSE_DQ: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
@@ -293,16 +302,17 @@ if triton is not None:
             pT = _probs(sT, offs_m[None, :], offs_n[:, None], half_scale, half_bias, half_slope,
                         MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
             dpT = tl.dot(v, tl.trans(do))
-            if DROPOUT:  # dV takes the dropped weights; dP reaches S only through the kept ones
-                keep_scale = _dropout_scale(stream, offs_m[None, :], offs_n[:, None], dropout_p)
-                dv = tl.dot((pT * keep_scale).to(do.dtype), do, dv)
-                dpT *= keep_scale
+            if DROPOUT:  # dV takes the dropped weights; dP reaches S only through the kept ones (the kept
+                # ones' 1 / (1 - p) scales dK, dV, dQ and d bias after the loop)
+                keptT = _kept(_query_hash(stream, offs_m)[None, :], k_hash[:, None], dropout_p)
+                dv = tl.dot(tl.where(keptT, pT, 0.0).to(do.dtype), do, dv)
+                dpT = tl.where(keptT, dpT, 0.0)
             else:
                 dv = tl.dot(pT.to(do.dtype), do, dv)
             dsT = pT * (1.0 - pT) * dpT  # sigmoid' = P (1 - P)
             dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
             if FUSE_DQ:  # this key block's share of dQ = scale dS K, added into fp32 rows other programs add to
-                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k) * scale  # (BLOCK_M, HEAD_DIM)
+                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k) * dq_scale  # (BLOCK_M, HEAD_DIM)
                 tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=in_seq[:, None],
                               sem="relaxed")
             if BIAS_GRAD:
@@ -337,6 +347,7 @@ if triton is not None:
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         half_scale = 0.5 * scale
+        keep_scale = 1.0 / (1.0 - dropout_p) if DROPOUT else 1.0  # the kept weights' scale, left out of the sums
         for h in range(hk * GROUP, hk * GROUP + GROUP):  # every query head that shares this k, v
             q_base = Q + b * stride_qb + h * stride_qh
             do_base = DO + b * stride_dob + h * stride_doh
@@ -345,28 +356,29 @@ if triton is not None:
             half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
             db = 0.0
             stream = _dropout_stream(Seed, b * H + h) if DROPOUT else 0  # the query head's mask
+            k_hash = _key_hash(stream, offs_n) if DROPOUT else 0
             # causal: the queries below the diagonal block need no mask, the diagonal block does, none lie above
             dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt,
-                                     offs_n, start_n + BLOCK_N if CAUSAL else 0, T, T, scale, half_scale, half_bias,
-                                     half_slope, stream, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=False,
+                                     offs_n, start_n + BLOCK_N if CAUSAL else 0, T, T, scale * keep_scale, half_scale,
+                                     half_bias, half_slope, stream, k_hash, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=False,
                                      HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT, FAST=FAST,
                                      FUSE_DQ=FUSE_DQ)
             if CAUSAL:
                 dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot,
-                                         stride_dqt, offs_n, start_n, start_n + BLOCK_N, T, scale, half_scale,
-                                         half_bias, half_slope, stream, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                         stride_dqt, offs_n, start_n, start_n + BLOCK_N, T, scale * keep_scale,
+                                         half_scale, half_bias, half_slope, stream, k_hash, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
                                          MASK=True, HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT,
                                          FAST=FAST, FUSE_DQ=FUSE_DQ)
             if BIAS_GRAD:  # one partial sum per (batch, head, key block); the launcher adds them
-                tl.store(DBias + (tl.program_id(0) * tl.num_programs(1) * GROUP) + b * H + h, db)
+                tl.store(DBias + (tl.program_id(0) * tl.num_programs(1) * GROUP) + b * H + h, db * keep_scale)
         tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-                 (dk * scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < T)
+                 (dk * (scale * keep_scale)).to(DK.dtype.element_ty), mask=offs_n[:, None] < T)
         tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < T)
+                 (dv * keep_scale).to(DV.dtype.element_ty), mask=offs_n[:, None] < T)
 
     @triton.jit
     def _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
-                  half_scale, half_bias, half_slope, stream, dropout_p,
+                  half_scale, half_bias, half_slope, stream, q_hash, dropout_p,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
@@ -379,8 +391,8 @@ if triton is not None:
             p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope,
                        MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
             dp = tl.dot(do, vT)
-            if DROPOUT:
-                dp *= _dropout_scale(stream, offs_m[:, None], offs_n[None, :], dropout_p)
+            if DROPOUT:  # the kept weights' 1 / (1 - p) scales dQ after the loop
+                dp = tl.where(_kept(q_hash[:, None], _key_hash(stream, offs_n)[None, :], dropout_p), dp, 0.0)
             ds = p * (1.0 - p) * dp
             dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
         return dq
@@ -410,16 +422,19 @@ if triton is not None:
         half_bias = 0.5 * tl.load(Bias + h)
         half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
         stream = _dropout_stream(Seed, bh) if DROPOUT else 0
+        q_hash = _query_hash(stream, offs_m) if DROPOUT else 0
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         # causal: the keys left of the diagonal block need no mask, the diagonal block does, none lie above it
         dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m if CAUSAL else T, T,
-                       half_scale, half_bias, half_slope, stream, dropout_p, HEAD_DIM=HEAD_DIM,
+                       half_scale, half_bias, half_slope, stream, q_hash, dropout_p, HEAD_DIM=HEAD_DIM,
                        BLOCK_N=BLOCK_N, MASK=False, HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
         if CAUSAL:
             dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
                            tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, stream,
-                           dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True, HAS_ALIBI=HAS_ALIBI,
+                           q_hash, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True, HAS_ALIBI=HAS_ALIBI,
                            DROPOUT=DROPOUT, FAST=FAST)
+        if DROPOUT:
+            scale *= 1.0 / (1.0 - dropout_p)  # the kept weights' scale
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
 

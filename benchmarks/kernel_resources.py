@@ -16,8 +16,8 @@ GPU's.
 --loop also disassembles each kernel (nvdisasm, shipped with Triton) and counts the machine
 instructions of its longest loop, the one over key or query tiles: what one thread issues per
 tile, and the most frequent opcodes. Per-score work shows up there; for the forward at head dim
-64, tile 128 x 64 on 8 warps (32 scores a thread), dropout's integer hash took the loop from 221
-instructions to 557 (results/kernel_speed.md).
+64, tile 128 x 64 on 8 warps (32 scores a thread), dropout takes the loop from 221 instructions to
+517 (557 with the earlier mask's hash per score: results/kernel_speed.md).
 """
 import collections
 import argparse

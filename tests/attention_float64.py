@@ -43,14 +43,13 @@ def _mix32(x):
 
 
 def dropout_keep_mask(seed, B, H, T, dropout_p):
-    """flash_sigmoid's dropout mask for a (1,) int64 seed tensor, from its hash (_dropout_scale)
-    rewritten in torch: (B, H, T, T) bool on the CPU, True = kept."""
+    """flash_sigmoid's dropout mask for a (1,) int64 seed tensor, from its hashes (_query_hash,
+    _key_hash, _kept) rewritten in torch: (B, H, T, T) bool on the CPU, True = kept."""
     seed = int(seed.item())
     key = _mix32(_mix32(torch.tensor(seed & U32)) ^ (seed >> 32))
     stream = _mix32((key + torch.arange(B * H)) & U32).view(B, H, 1, 1)  # one per (batch, head)
-    row = _mix32(stream ^ torch.arange(T).view(T, 1))  # (B, H, T, 1): per query
-    x = (row + _mul32(torch.arange(T).view(1, T), 0x9E3779B9)) & U32  # (B, H, T, T): plus a step per key
-    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
-    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    query_hash = _mix32(stream ^ torch.arange(T).view(T, 1)) | 1  # (B, H, T, 1)
+    key_hash = _mix32(_mix32(stream) ^ torch.arange(T).view(1, T)) | 1  # (B, H, 1, T)
+    x = (query_hash * (key_hash & 0xFFFF) + (((query_hash * (key_hash >> 16)) & 0xFFFF) << 16)) & U32  # mod 2^32
     threshold = int(torch.tensor(dropout_p, dtype=torch.float32).item() * 2**32)  # the kernel's fp32 p
     return x >= threshold

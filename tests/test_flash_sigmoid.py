@@ -257,6 +257,21 @@ def test_dropout_mask_drops_p_and_differs_by_seed_head_and_position():
     assert abs(right.float().mean() - 0.5) < 0.005 and abs(below.float().mean() - 0.5) < 0.005  # neighbours independent
 
 
+def test_dropout_mask_has_no_correlated_rows_or_columns():
+    """The keep test multiplies a query's hash by a key's: every pair of rows, and of columns, must
+    still look independent (xor-ing or adding the two hashes instead fails this: rows 0.9 correlated)."""
+    T = 512
+    for p in (0.1, 0.5):
+        for keep in dropout_keep_mask(torch.tensor([77]), 1, 4, T, p).double()[0]:  # one (T, T) mask per head
+            z = (keep - keep.mean()) / keep.std()
+            for corr in (z @ z.T / T, z.T @ z / T):  # every pair of rows, of columns
+                corr.fill_diagonal_(0)
+                assert corr.abs().max() < 0.3  # 130k pairs of independent rows: ~0.22 at most
+            dropped = 1 - keep  # all four weights of a 2 x 2 block dropped: p^4 of them
+            quads = dropped[1:, 1:] * dropped[:-1, 1:] * dropped[1:, :-1] * dropped[:-1, :-1]
+            assert abs(quads.mean().item() / p**4 - 1) < (0.1 if p == 0.5 else 0.5)
+
+
 def test_dropout_mask_follows_the_seed():
     q, k, v = make_inputs(1, 2, 2, 20, 16, torch.float32, 41)
     run = lambda seed: fs.flash_sigmoid(q, k, v, dropout_p=0.5, dropout_seed=torch.tensor([seed], device=DEVICE))
