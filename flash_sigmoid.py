@@ -280,8 +280,8 @@ if triton is not None:
         if CAUSAL:
             acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
                              tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, stream,
-                             q_hash, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True, HAS_ALIBI=HAS_ALIBI,
-                             DROPOUT=DROPOUT, FAST=FAST)
+                             q_hash, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True,
+                             HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
         if DROPOUT:
             acc *= 1.0 / (1.0 - dropout_p)  # the kept weights' scale
         tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
@@ -360,15 +360,15 @@ if triton is not None:
             # causal: the queries below the diagonal block need no mask, the diagonal block does, none lie above
             dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt,
                                      offs_n, start_n + BLOCK_N if CAUSAL else 0, T, T, scale * keep_scale, half_scale,
-                                     half_bias, half_slope, stream, k_hash, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=False,
-                                     HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT, FAST=FAST,
-                                     FUSE_DQ=FUSE_DQ)
+                                     half_bias, half_slope, stream, k_hash, dropout_p, HEAD_DIM=HEAD_DIM,
+                                     BLOCK_M=BLOCK_M, MASK=False, HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD,
+                                     DROPOUT=DROPOUT, FAST=FAST, FUSE_DQ=FUSE_DQ)
             if CAUSAL:
                 dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot,
                                          stride_dqt, offs_n, start_n, start_n + BLOCK_N, T, scale * keep_scale,
-                                         half_scale, half_bias, half_slope, stream, k_hash, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                         MASK=True, HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT,
-                                         FAST=FAST, FUSE_DQ=FUSE_DQ)
+                                         half_scale, half_bias, half_slope, stream, k_hash, dropout_p,
+                                         HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=True, HAS_ALIBI=HAS_ALIBI,
+                                         BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT, FAST=FAST, FUSE_DQ=FUSE_DQ)
             if BIAS_GRAD:  # one partial sum per (batch, head, key block); the launcher adds them
                 tl.store(DBias + (tl.program_id(0) * tl.num_programs(1) * GROUP) + b * H + h, db * keep_scale)
         tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
