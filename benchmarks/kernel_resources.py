@@ -19,8 +19,8 @@ tile, and the most frequent opcodes. Per-score work shows up there; for the forw
 64, tile 128 x 64 on 8 warps (32 scores a thread), dropout takes the loop from 221 instructions to
 517 (557 with the earlier mask's hash per score: results/kernel_speed.md).
 """
-import collections
 import argparse
+import collections
 import os
 import re
 import subprocess
@@ -91,13 +91,14 @@ def loop_opcodes(cubin: bytes) -> collections.Counter:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
-    code, labels = [], {}  # (address, opcode, operands); label -> address of the next instruction
+    code, labels, pending = [], {}, []  # (address, opcode, operands); label -> address of the next instruction
     for line in sass.splitlines():
         if label := re.match(r"\s*(\.L_x_\d+):", line):
-            labels[label.group(1)] = None
+            pending.append(label.group(1))
         elif ins := re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)\S*(.*)", line):
             address = int(ins.group(1), 16)
-            labels.update({name: address for name, at in labels.items() if at is None})
+            labels.update(dict.fromkeys(pending, address))
+            pending = []
             code.append((address, ins.group(2), ins.group(3)))
     loops = [(labels[target.group(1)], address) for address, op, rest in code
              if op == "BRA" and (target := re.search(r"(\.L_x_\d+)", rest)) and labels[target.group(1)] < address]

@@ -50,6 +50,6 @@ def dropout_keep_mask(seed, B, H, T, dropout_p):
     stream = _mix32((key + torch.arange(B * H)) & U32).view(B, H, 1, 1)  # one per (batch, head)
     query_hash = _mix32(stream ^ torch.arange(T).view(T, 1)) | 1  # (B, H, T, 1)
     key_hash = _mix32(_mix32(stream) ^ torch.arange(T).view(1, T)) | 1  # (B, H, 1, T)
-    x = (query_hash * (key_hash & 0xFFFF) + (((query_hash * (key_hash >> 16)) & 0xFFFF) << 16)) & U32  # mod 2^32
+    x = _mul32(query_hash, key_hash)  # their product mod 2^32
     threshold = int(torch.tensor(dropout_p, dtype=torch.float32).item() * 2**32)  # the kernel's fp32 p
     return x >= threshold
