@@ -159,6 +159,7 @@ if triton is not None:
     # The interpreter gets one small shape.
     def _configs(gpu_shapes, interpreter_shape):
         shapes = [interpreter_shape] if INTERPRET else gpu_shapes
+        assert all(max(m, n) <= 128 for m, n, _, _ in shapes), "the dropout hash table pads T to 128 (_hash_rows)"
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
     # 128x128 and 128x64 on 8 warps with deeper pipelines: candidates for D=128 on Hopper, where
@@ -173,9 +174,11 @@ if triton is not None:
     TUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "HAS_ALIBI", "DROPOUT", "FAST"]
 
     @triton.jit
-    def _probs(s, qpos, kpos, half_scale, half_bias, half_slope,
-               MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, FAST: tl.constexpr):
-        """P = sigmoid(scale*s + b - slope*(i-j)) = 0.5*tanh(0.5*(...)) + 0.5; masked where j > i.
+    def _probs(s, qpos, kpos, half_scale, half_bias, half_slope, kept,
+               MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
+        """P = sigmoid(scale*s + b - slope*(i-j)) = 0.5*tanh(0.5*(...)) + 0.5; masked where j > i;
+        with DROPOUT, 0 where kept is False (unscaled: the kept ones' 1 / (1 - p) comes after the
+        loop). A dropped weight is a score of -inf: P = 0 in O and dV, and P (1 - P) = 0 in dS.
 
         qpos and kpos broadcast to s's shape: (M, 1) and (1, N), or (1, M) and (N, 1) for s^T.
         """
@@ -190,6 +193,8 @@ if triton is not None:
             p = tl.sigmoid(2.0 * x)
         if MASK:
             p = tl.where(qpos >= kpos, p, 0.0)
+        if DROPOUT:
+            p = tl.where(kept, p, 0.0)
         return p
 
     # Dropout mask: integer hashes instead of Philox. tl.rand runs Philox4x32-10 for each score (10
@@ -200,6 +205,9 @@ if triton is not None:
     # 1 / (1 - p) scales the sums once, after the loop. (Adding the two hashes instead would make
     # every row's mask a shifted copy of every other's; multiplying passes the same statistical
     # checks as a full hash per score: keep rates, neighbours, row and column correlations.)
+    # A hash depends on (seed, batch*head, position) alone, so _hash_kernel computes them all once
+    # per call into a table, and each tile loads its M + N of them: hashed in every tile, they cost
+    # more instructions than the keep tests (benchmarks/kernel_resources.py --loop --dropout).
     @triton.jit
     def _mix32(x):
         """Wellons' lowbias32: a bijection of uint32 whose output bits each flip with about half the input bits."""
@@ -223,6 +231,28 @@ if triton is not None:
         return _mix32(_mix32(stream) ^ kpos.to(tl.uint32)) | 1  # keys hash from a stream of their own
 
     @triton.jit
+    def _hash_rows(Hashes, bh, T):
+        """Head bh's row of query hashes and its row of key hashes in the (B*H, 2, T_pad) table, T_pad = T
+        rounded up to a multiple of 128 (the largest tile): tiles load hashes without a bounds mask."""
+        t_pad = tl.cdiv(T, 128) * 128
+        q_row = Hashes + bh * 2 * t_pad
+        return q_row, q_row + t_pad
+
+    @triton.jit
+    def _hash_kernel(Seed, Hashes, T):
+        """The table: _query_hash and _key_hash of positions 0 .. T_pad - 1 of head bh (grid: T_pad / 128, B*H)."""
+        bh = tl.program_id(1).to(tl.int64)
+        offs = tl.program_id(0) * 128 + tl.arange(0, 128)
+        stream = _dropout_stream(Seed, bh)
+        q_row, k_row = _hash_rows(Hashes, bh, T)
+        tl.store(q_row + offs, _query_hash(stream, offs).to(tl.int32, bitcast=True))
+        tl.store(k_row + offs, _key_hash(stream, offs).to(tl.int32, bitcast=True))
+
+    @triton.jit
+    def _load_hashes(row, offs):
+        return tl.load(row + offs).to(tl.uint32, bitcast=True)
+
+    @triton.jit
     def _kept(query_hash, key_hash, dropout_p):
         """Whether each weight is kept, from its query's and its key's hash broadcast against each other
         ((M, 1) and (1, N), or transposed): a function of (seed, batch*head, query, key) alone, so the
@@ -232,7 +262,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
-                   half_scale, half_bias, half_slope, stream, q_hash, dropout_p,
+                   half_scale, half_bias, half_slope, k_hashes, q_hash, dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
@@ -242,16 +272,15 @@ if triton is not None:
             kT = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
             s = tl.dot(q, kT)  # (BLOCK_M, BLOCK_N)
-            p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope,
-                       MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
-            if DROPOUT:  # dropped weights are 0; the kept ones' 1 / (1 - p) scales O after the loop
-                p = tl.where(_kept(q_hash[:, None], _key_hash(stream, offs_n)[None, :], dropout_p), p, 0.0)
+            kept = _kept(q_hash[:, None], _load_hashes(k_hashes, offs_n)[None, :], dropout_p) if DROPOUT else 0
+            p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope, kept,
+                       MASK=MASK, HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
             acc = tl.dot(p.to(v.dtype), v, acc)
         return acc
 
     @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, Bias, Slopes, Seed,
+    def _fwd_kernel(Q, K, V, O, Bias, Slopes, Hashes,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                     H, GROUP, T, scale, dropout_p,
@@ -270,16 +299,16 @@ if triton is not None:
         half_scale = 0.5 * scale
         half_bias = 0.5 * tl.load(Bias + h)
         half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
-        stream = _dropout_stream(Seed, bh) if DROPOUT else 0
-        q_hash = _query_hash(stream, offs_m) if DROPOUT else 0
+        q_hashes, k_hashes = _hash_rows(Hashes, bh, T)
+        q_hash = _load_hashes(q_hashes, offs_m) if DROPOUT else 0
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         # causal: the keys left of the diagonal block need no mask, the diagonal block does, none lie above it
         acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m if CAUSAL else T, T,
-                         half_scale, half_bias, half_slope, stream, q_hash, dropout_p, HEAD_DIM=HEAD_DIM,
+                         half_scale, half_bias, half_slope, k_hashes, q_hash, dropout_p, HEAD_DIM=HEAD_DIM,
                          BLOCK_N=BLOCK_N, MASK=False, HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
         if CAUSAL:
             acc = _fwd_inner(acc, q, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
-                             tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, stream,
+                             tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, k_hashes,
                              q_hash, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True,
                              HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
         if DROPOUT:
@@ -289,7 +318,7 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt, offs_n, lo, hi, T,
-                    dq_scale, half_scale, half_bias, half_slope, stream, k_hash, dropout_p,
+                    dq_scale, half_scale, half_bias, half_slope, q_hashes, k_hash, dropout_p,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr, FUSE_DQ: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
@@ -299,16 +328,11 @@ if triton is not None:
             qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
             do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=in_seq[:, None], other=0.0)
             sT = tl.dot(k, qT)  # (BLOCK_N, BLOCK_M): scores transposed
-            pT = _probs(sT, offs_m[None, :], offs_n[:, None], half_scale, half_bias, half_slope,
-                        MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
+            keptT = _kept(_load_hashes(q_hashes, offs_m)[None, :], k_hash[:, None], dropout_p) if DROPOUT else 0
+            pT = _probs(sT, offs_m[None, :], offs_n[:, None], half_scale, half_bias, half_slope, keptT,
+                        MASK=MASK, HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
+            dv = tl.dot(pT.to(do.dtype), do, dv)
             dpT = tl.dot(v, tl.trans(do))
-            if DROPOUT:  # dV takes the dropped weights; dP reaches S only through the kept ones (the kept
-                # ones' 1 / (1 - p) scales dK, dV, dQ and d bias after the loop)
-                keptT = _kept(_query_hash(stream, offs_m)[None, :], k_hash[:, None], dropout_p)
-                dv = tl.dot(tl.where(keptT, pT, 0.0).to(do.dtype), do, dv)
-                dpT = tl.where(keptT, dpT, 0.0)
-            else:
-                dv = tl.dot(pT.to(do.dtype), do, dv)
             dsT = pT * (1.0 - pT) * dpT  # sigmoid' = P (1 - P)
             dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
             if FUSE_DQ:  # this key block's share of dQ = scale dS K, added into fp32 rows other programs add to
@@ -323,7 +347,7 @@ if triton is not None:
     # both before each try
     @triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY + ["FUSE_DQ"], reset_to_zero=["DBias", "DQacc"])
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQacc, Bias, Slopes, Seed, DBias,
+    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQacc, Bias, Slopes, Hashes, DBias,
                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
@@ -355,18 +379,18 @@ if triton is not None:
             half_bias = 0.5 * tl.load(Bias + h)
             half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
             db = 0.0
-            stream = _dropout_stream(Seed, b * H + h) if DROPOUT else 0  # the query head's mask
-            k_hash = _key_hash(stream, offs_n) if DROPOUT else 0
+            q_hashes, k_hashes = _hash_rows(Hashes, b * H + h, T)  # the query head's mask
+            k_hash = _load_hashes(k_hashes, offs_n) if DROPOUT else 0
             # causal: the queries below the diagonal block need no mask, the diagonal block does, none lie above
             dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot, stride_dqt,
                                      offs_n, start_n + BLOCK_N if CAUSAL else 0, T, T, scale * keep_scale, half_scale,
-                                     half_bias, half_slope, stream, k_hash, dropout_p, HEAD_DIM=HEAD_DIM,
+                                     half_bias, half_slope, q_hashes, k_hash, dropout_p, HEAD_DIM=HEAD_DIM,
                                      BLOCK_M=BLOCK_M, MASK=False, HAS_ALIBI=HAS_ALIBI, BIAS_GRAD=BIAS_GRAD,
                                      DROPOUT=DROPOUT, FAST=FAST, FUSE_DQ=FUSE_DQ)
             if CAUSAL:
                 dk, dv, db = _dkdv_inner(dk, dv, db, k, v, q_base, do_base, dq_base, stride_qt, stride_dot,
                                          stride_dqt, offs_n, start_n, start_n + BLOCK_N, T, scale * keep_scale,
-                                         half_scale, half_bias, half_slope, stream, k_hash, dropout_p,
+                                         half_scale, half_bias, half_slope, q_hashes, k_hash, dropout_p,
                                          HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, MASK=True, HAS_ALIBI=HAS_ALIBI,
                                          BIAS_GRAD=BIAS_GRAD, DROPOUT=DROPOUT, FAST=FAST, FUSE_DQ=FUSE_DQ)
             if BIAS_GRAD:  # one partial sum per (batch, head, key block); the launcher adds them
@@ -378,7 +402,7 @@ if triton is not None:
 
     @triton.jit
     def _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, lo, hi, T,
-                  half_scale, half_bias, half_slope, stream, q_hash, dropout_p,
+                  half_scale, half_bias, half_slope, k_hashes, q_hash, dropout_p,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
@@ -388,18 +412,17 @@ if triton is not None:
             kT = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
             vT = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
             s = tl.dot(q, kT)
-            p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope,
-                       MASK=MASK, HAS_ALIBI=HAS_ALIBI, FAST=FAST)
+            kept = _kept(q_hash[:, None], _load_hashes(k_hashes, offs_n)[None, :], dropout_p) if DROPOUT else 0
+            p = _probs(s, offs_m[:, None], offs_n[None, :], half_scale, half_bias, half_slope, kept,
+                       MASK=MASK, HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
             dp = tl.dot(do, vT)
-            if DROPOUT:  # the kept weights' 1 / (1 - p) scales dQ after the loop
-                dp = tl.where(_kept(q_hash[:, None], _key_hash(stream, offs_n)[None, :], dropout_p), dp, 0.0)
             ds = p * (1.0 - p) * dp
             dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
         return dq
 
     @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, DO, DQ, Bias, Slopes, Seed,
+    def _bwd_dq_kernel(Q, K, V, DO, DQ, Bias, Slopes, Hashes,
                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                        stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                        stride_dqb, stride_dqh, stride_dqt,
@@ -421,16 +444,16 @@ if triton is not None:
         half_scale = 0.5 * scale
         half_bias = 0.5 * tl.load(Bias + h)
         half_slope = 0.5 * tl.load(Slopes + h) if HAS_ALIBI else 0.0
-        stream = _dropout_stream(Seed, bh) if DROPOUT else 0
-        q_hash = _query_hash(stream, offs_m) if DROPOUT else 0
+        q_hashes, k_hashes = _hash_rows(Hashes, bh, T)
+        q_hash = _load_hashes(q_hashes, offs_m) if DROPOUT else 0
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         # causal: the keys left of the diagonal block need no mask, the diagonal block does, none lie above it
         dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, 0, start_m if CAUSAL else T, T,
-                       half_scale, half_bias, half_slope, stream, q_hash, dropout_p, HEAD_DIM=HEAD_DIM,
+                       half_scale, half_bias, half_slope, k_hashes, q_hash, dropout_p, HEAD_DIM=HEAD_DIM,
                        BLOCK_N=BLOCK_N, MASK=False, HAS_ALIBI=HAS_ALIBI, DROPOUT=DROPOUT, FAST=FAST)
         if CAUSAL:
             dq = _dq_inner(dq, q, do, k_base, v_base, stride_kt, stride_vt, offs_m, start_m,
-                           tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, stream,
+                           tl.minimum(start_m + BLOCK_M, T), T, half_scale, half_bias, half_slope, k_hashes,
                            q_hash, dropout_p, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, MASK=True, HAS_ALIBI=HAS_ALIBI,
                            DROPOUT=DROPOUT, FAST=FAST)
         if DROPOUT:
@@ -458,13 +481,22 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _dropout_hashes(seed: Tensor, BH: int, T: int) -> Tensor:
+    """(B*H, 2, T rounded up to 128) int32: every query's and key's dropout hash, from which the kernels'
+    tiles draw the mask."""
+    hashes = torch.empty((BH, 2, triton.cdiv(T, 128) * 128), device=seed.device, dtype=torch.int32)
+    _hash_kernel[(triton.cdiv(T, 128), BH)](seed, hashes, T)
+    return hashes
+
+
 def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optional[Tensor], seed: Optional[Tensor],
                     dropout_p: float, causal: bool, scale: float) -> Tensor:
     B, H, T, D = q.shape
     o = _output_like(q)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    hashes = bias if seed is None else _dropout_hashes(seed, B * H, T)
     # bias stands in for the pointers a launch without ALiBi or dropout never reads
-    _fwd_kernel[grid](q, k, v, o, bias, bias if slopes is None else slopes, bias if seed is None else seed,
+    _fwd_kernel[grid](q, k, v, o, bias, bias if slopes is None else slopes, hashes,
                       *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, H // k.shape[1], T, scale, dropout_p,
                       HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, DROPOUT=seed is not None,
                       FAST=FAST_SIGMOID)
@@ -491,7 +523,7 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
     common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, DROPOUT=seed is not None, FAST=FAST_SIGMOID)
     slopes = bias if slopes is None else slopes  # placeholder pointers for what the launch never reads
-    seed = bias if seed is None else seed
+    hashes = bias if seed is None else _dropout_hashes(seed, B * H, T)  # the forward's, recomputed
     # (key blocks, B, H) partial sums of dS; sized for the smallest block, unused rows stay zero
     # without bias_grad an unwritten placeholder: no fill kernel to launch (host time counts at short T)
     dbias_partial = (torch.zeros if bias_grad else torch.empty)(
@@ -500,7 +532,7 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     dq_acc = (torch.zeros if fuse_dq else torch.empty)(  # without fuse_dq an unwritten placeholder
         (B, H, T, D) if fuse_dq else (1, 1, 1), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)
-    _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, dq_acc, bias, slopes, seed, dbias_partial,
+    _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, dq_acc, bias, slopes, hashes, dbias_partial,
                            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
                            *_strides(dq_acc), H, H // H_kv, T, scale, dropout_p, BIAS_GRAD=bias_grad,
                            FUSE_DQ=fuse_dq, **common)
@@ -508,7 +540,7 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
         dq.copy_(dq_acc)
     else:
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-        _bwd_dq_kernel[grid](q, k, v, do, dq, bias, slopes, seed,
+        _bwd_dq_kernel[grid](q, k, v, do, dq, bias, slopes, hashes,
                              *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
                              H, H // H_kv, T, scale, dropout_p, **common)
     dbias = dbias_partial.sum(dim=(0, 1)) if bias_grad else torch.empty_like(bias)  # unused: autograd gets None

@@ -17,7 +17,8 @@ GPU's.
 instructions of its longest loop, the one over key or query tiles: what one thread issues per
 tile, and the most frequent opcodes. Per-score work shows up there; for the forward at head dim
 64, tile 128 x 64 on 8 warps (32 scores a thread), dropout takes the loop from 221 instructions to
-517 (557 with the earlier mask's hash per score: results/kernel_speed.md).
+382 (557 with an earlier mask's hash per score, 517 with the hashes computed in every tile:
+results/kernel_speed.md).
 """
 import argparse
 import collections
@@ -57,7 +58,7 @@ def launch_arguments(dtype, D, T, H, group):
     args = {f"stride_{name}{dim}": s for name, st in strides.items() for dim, s in zip("bht", st)}
     args.update(H=H, GROUP=group, T=T, scale=1.0 / D ** 0.5, dropout_p=0.1)
     args.update({name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")})
-    args.update(Bias="*fp32", Slopes="*fp32", DBias="*fp32", DQacc="*fp32", Seed="*i64")  # DQacc: dK/dV's fp32 dQ
+    args.update(Bias="*fp32", Slopes="*fp32", DBias="*fp32", DQacc="*fp32", Hashes="*i32")  # DQacc: dK/dV's fp32 dQ
     # (its contiguous strides share the stride_dq* names; as multiples of 16 they specialise alike)
     return args
 

@@ -35,7 +35,7 @@ def test_refuses_the_interpreter_and_bad_arguments_in_one_line():
     assert out.returncode != 0 and "--head-dims takes 16, 32, 64, 128 (the kernel's); got 48" in out.stderr
 
 
-def test_loop_counts_the_inner_loop_and_sees_the_dropout_hash():
+def test_loop_counts_the_inner_loop_and_sees_the_dropout_keep_test():
     counts = {}
     for dropout in ([], ["--dropout"]):
         out = run("--head-dims", "16", "--kernels", "fwd", "--causal", "no", "--loop", *dropout)
@@ -45,5 +45,5 @@ def test_loop_counts_the_inner_loop_and_sees_the_dropout_hash():
         assert len(rows) == 6 and all(rows)
         counts[bool(dropout)] = [int(row.group(1)) for row in rows]
         assert all("MUFU" in row.group(2) or "FFMA" in row.group(2) for row in rows)  # tanh and its fma
-    # the hash adds integer work per score to every config's loop
+    # the keep test (a multiply, a compare and a select per score) adds to every config's loop
     assert all(with_hash > without for with_hash, without in zip(counts[True], counts[False]))
