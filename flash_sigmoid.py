@@ -178,7 +178,7 @@ if triton is not None:
                MASK: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, FAST: tl.constexpr):
         """P = sigmoid(scale*s + b - slope*(i-j)) = 0.5*tanh(0.5*(...)) + 0.5; masked where j > i;
         with DROPOUT, 0 where kept is False (unscaled: the kept ones' 1 / (1 - p) comes after the
-        loop). A dropped weight is a score of -inf: P = 0 in O and dV, and P (1 - P) = 0 in dS.
+        loop). A dropped P = 0 drops out of O and dV, and its P (1 - P) = 0 out of dS: one select.
 
         qpos and kpos broadcast to s's shape: (M, 1) and (1, N), or (1, M) and (N, 1) for s^T.
         """
