@@ -157,9 +157,13 @@ if triton is not None:
     # small tiles on 4 warps win the forward nearly everywhere (64x32 even at D=128) and the backward
     # at D=64; 8-warp tiles win some backward shapes (dQ non-causal, dK/dV at D=128, T=4096).
     # The interpreter gets one small shape.
+    # The dropout hash table's rows hold T rounded up to HASH_PAD positions: every tile divides it, so
+    # tiles load their hashes without a bounds mask.
+    HASH_PAD = tl.constexpr(128)
+
     def _configs(gpu_shapes, interpreter_shape):
         shapes = [interpreter_shape] if INTERPRET else gpu_shapes
-        assert all(max(m, n) <= 128 for m, n, _, _ in shapes), "the dropout hash table pads T to 128 (_hash_rows)"
+        assert all(HASH_PAD.value % m == 0 and HASH_PAD.value % n == 0 for m, n, _, _ in shapes)
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
     # 128x128 and 128x64 on 8 warps with deeper pipelines: candidates for D=128 on Hopper, where
@@ -199,12 +203,13 @@ if triton is not None:
 
     # Dropout mask: integer hashes instead of Philox. tl.rand runs Philox4x32-10 for each score (10
     # rounds of 2 mul.hi + 2 mul.lo + 4 xor/add: ~100 integer ops, 3 of its 4 words unused), 4-8x the
-    # kernel's time. Below, each query and each key gets an odd 32-bit hash, on the (M,) and (N,)
-    # vectors, and a score's keep test multiplies the two: the high bits of a product depend on every
-    # bit of both factors. Per score that is a multiply, a compare and a select; the kept weights'
-    # 1 / (1 - p) scales the sums once, after the loop. (Adding the two hashes instead would make
-    # every row's mask a shifted copy of every other's; multiplying passes the same statistical
-    # checks as a full hash per score: keep rates, neighbours, row and column correlations.)
+    # kernel's time. Below, each query and each key gets an odd 32-bit hash (computed once per call,
+    # see the end of this comment), and a score's keep test multiplies the two: the high bits of a
+    # product depend on every bit of both factors. Per score that is a multiply, a compare and a
+    # select; the kept weights' 1 / (1 - p) scales the sums once, after the loop. (Adding the two
+    # hashes instead would make every row's mask a shifted copy of every other's; multiplying passes
+    # the same statistical checks as a full hash per score: keep rates, neighbours, row and column
+    # correlations.)
     # A hash depends on (seed, batch*head, position) alone, so _hash_kernel computes them all once
     # per call into a table, and each tile loads its M + N of them: hashed in every tile, they cost
     # more instructions than the keep tests (benchmarks/kernel_resources.py --loop --dropout).
@@ -233,16 +238,16 @@ if triton is not None:
     @triton.jit
     def _hash_rows(Hashes, bh, T):
         """Head bh's row of query hashes and its row of key hashes in the (B*H, 2, T_pad) table, T_pad = T
-        rounded up to a multiple of 128 (the largest tile): tiles load hashes without a bounds mask."""
-        t_pad = tl.cdiv(T, 128) * 128
+        rounded up to a multiple of HASH_PAD."""
+        t_pad = tl.cdiv(T, HASH_PAD) * HASH_PAD
         q_row = Hashes + bh * 2 * t_pad
         return q_row, q_row + t_pad
 
     @triton.jit
     def _hash_kernel(Seed, Hashes, T):
-        """The table: _query_hash and _key_hash of positions 0 .. T_pad - 1 of head bh (grid: T_pad / 128, B*H)."""
+        """The table: _query_hash and _key_hash of positions 0 .. T_pad - 1 of head bh (grid: T_pad / HASH_PAD, B*H)."""
         bh = tl.program_id(1).to(tl.int64)
-        offs = tl.program_id(0) * 128 + tl.arange(0, 128)
+        offs = tl.program_id(0) * HASH_PAD + tl.arange(0, HASH_PAD)
         stream = _dropout_stream(Seed, bh)
         q_row, k_row = _hash_rows(Hashes, bh, T)
         tl.store(q_row + offs, _query_hash(stream, offs).to(tl.int32, bitcast=True))
@@ -482,10 +487,11 @@ def _strides(t):
 
 
 def _dropout_hashes(seed: Tensor, BH: int, T: int) -> Tensor:
-    """(B*H, 2, T rounded up to 128) int32: every query's and key's dropout hash, from which the kernels'
-    tiles draw the mask."""
-    hashes = torch.empty((BH, 2, triton.cdiv(T, 128) * 128), device=seed.device, dtype=torch.int32)
-    _hash_kernel[(triton.cdiv(T, 128), BH)](seed, hashes, T)
+    """(B*H, 2, T rounded up to HASH_PAD) int32: every query's and key's dropout hash (the uint32's bits),
+    from which the kernels' tiles draw the mask."""
+    blocks = triton.cdiv(T, HASH_PAD.value)
+    hashes = torch.empty((BH, 2, blocks * HASH_PAD.value), device=seed.device, dtype=torch.int32)
+    _hash_kernel[(blocks, BH)](seed, hashes, T)
     return hashes
 
 

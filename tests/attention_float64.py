@@ -42,14 +42,20 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def dropout_keep_mask(seed, B, H, T, dropout_p):
-    """flash_sigmoid's dropout mask for a (1,) int64 seed tensor, from its hashes (_query_hash,
-    _key_hash, _kept) rewritten in torch: (B, H, T, T) bool on the CPU, True = kept."""
+def dropout_hashes(seed, B, H, T):
+    """flash_sigmoid's _query_hash and _key_hash of positions 0 .. T - 1 for a (1,) int64 seed tensor,
+    rewritten in torch: two (B, H, T) int64 tensors of uint32 values, on the CPU."""
     seed = int(seed.item())
     key = _mix32(_mix32(torch.tensor(seed & U32)) ^ (seed >> 32))
-    stream = _mix32((key + torch.arange(B * H)) & U32).view(B, H, 1, 1)  # one per (batch, head)
-    query_hash = _mix32(stream ^ torch.arange(T).view(T, 1)) | 1  # (B, H, T, 1)
-    key_hash = _mix32(_mix32(stream) ^ torch.arange(T).view(1, T)) | 1  # (B, H, 1, T)
-    x = _mul32(query_hash, key_hash)  # their product mod 2^32
+    stream = _mix32((key + torch.arange(B * H)) & U32).view(B, H, 1)  # one per (batch, head)
+    positions = torch.arange(T)
+    return _mix32(stream ^ positions) | 1, _mix32(_mix32(stream) ^ positions) | 1
+
+
+def dropout_keep_mask(seed, B, H, T, dropout_p):
+    """flash_sigmoid's dropout mask for a (1,) int64 seed tensor, from its hashes (dropout_hashes,
+    _kept) rewritten in torch: (B, H, T, T) bool on the CPU, True = kept."""
+    query_hash, key_hash = dropout_hashes(seed, B, H, T)
+    x = _mul32(query_hash.unsqueeze(-1), key_hash.unsqueeze(-2))  # (B, H, T, T): their product mod 2^32
     threshold = int(torch.tensor(dropout_p, dtype=torch.float32).item() * 2**32)  # the kernel's fp32 p
     return x >= threshold

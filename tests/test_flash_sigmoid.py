@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import torch
 
 import flash_sigmoid as fs
-from tests.attention_float64 import dropout_keep_mask, rel_err, sigmoid_attention_f64
+from tests.attention_float64 import dropout_hashes, dropout_keep_mask, rel_err, sigmoid_attention_f64
 
 pytestmark = pytest.mark.skipif(not fs.INTERPRET and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a GPU")
@@ -231,15 +231,33 @@ def test_dropout_forward_and_gradients_match_float64_with_the_kernels_mask(B, H,
         assert rel_err(got.grad.cpu(), want.grad) < tol
 
 
-def test_kernel_draws_the_dropout_mask_its_torch_rewrite_draws():
-    """With V = I (T = D) the output is the dropped weight matrix itself, so the kernel's mask reads
-    off as its nonzero entries (a sigmoid is never 0), and must equal the torch rewrite's, exactly."""
-    B, H, T, p = 2, 4, 64, 0.25
-    q, k, _ = make_inputs(B, H, H, T, T, torch.float32, 43)
-    v = torch.eye(T, device=DEVICE).expand(B, H, T, T)
+def test_hash_table_holds_every_querys_and_keys_hash():
+    B, H, T = 2, 3, 200  # two blocks of the table, the second one padded
+    seed = torch.tensor([2**40 + 7], device=DEVICE)
+    table = fs._dropout_hashes(seed, B * H, T).cpu().long() & 0xFFFFFFFF  # (B*H, 2, T_pad): the uint32s
+    query_hash, key_hash = dropout_hashes(seed, B, H, T)
+    assert table.shape == (B * H, 2, 256)
+    assert torch.equal(table[:, 0, :T], query_hash.view(B * H, T))
+    assert torch.equal(table[:, 1, :T], key_hash.view(B * H, T))
+
+
+@pytest.mark.parametrize("T,causal", [(64, False), (200, False), (130, True)])
+def test_kernel_draws_the_dropout_mask_its_torch_rewrite_draws(T, causal):
+    """With V one-hot on 128 keys at a time the output's column c is the dropped weight of key j0 + c,
+    so the kernel's mask reads off as its nonzero entries (a sigmoid is never 0), and must equal the
+    torch rewrite's, exactly. T past 128 reads the hash table's second block."""
+    B, H, D, p = 2, 2, 128, 0.25
+    q, k, _ = make_inputs(B, H, H, T, D, torch.float32, 43)
     seed = torch.tensor([2**40 + 99], device=DEVICE)
-    out = fs.flash_sigmoid(q, k, v, causal=False, dropout_p=p, dropout_seed=seed)
-    assert torch.equal(out.cpu() != 0, dropout_keep_mask(seed, B, H, T, p))
+    keep = dropout_keep_mask(seed, B, H, T, p)
+    if causal:
+        keep &= torch.ones(T, T, dtype=torch.bool).tril()
+    for j0 in range(0, T, D):
+        n = min(D, T - j0)
+        v = torch.zeros(B, H, T, D, device=DEVICE)
+        v[:, :, j0:j0 + n, :n] = torch.eye(n, device=DEVICE)
+        out = fs.flash_sigmoid(q, k, v, causal=causal, dropout_p=p, dropout_seed=seed)
+        assert torch.equal(out[..., :n].cpu() != 0, keep[..., j0:j0 + n])
 
 
 def test_dropout_mask_drops_p_and_differs_by_seed_head_and_position():

@@ -46,4 +46,4 @@ def test_loop_counts_the_inner_loop_and_sees_the_dropout_keep_test():
         counts[bool(dropout)] = [int(row.group(1)) for row in rows]
         assert all("MUFU" in row.group(2) or "FFMA" in row.group(2) for row in rows)  # tanh and its fma
     # the keep test (a multiply, a compare and a select per score) adds to every config's loop
-    assert all(with_hash > without for with_hash, without in zip(counts[True], counts[False]))
+    assert all(with_dropout > without for with_dropout, without in zip(counts[True], counts[False]))
