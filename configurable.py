@@ -37,7 +37,7 @@ class TrainConfig:
     overwrite: bool = opt(False, "let a new run replace a checkpoint of another config in out_dir")
     eval_interval: int = opt(250, "estimate train/val loss every this many steps")
     log_interval: int = opt(10, "print the training loss every this many steps")
-    eval_iters: int = opt(200, "batches averaged per loss estimate")
+    eval_iters: int = opt(200, "batches per loss estimate at most: a split's block_size windows, all if they fit, else evenly spaced")
     eval_only: bool = opt(False, "estimate the loss once and exit")
     always_save_checkpoint: bool = opt(False, "save at every eval, not only when val loss improves (always saved at the end)")
     init_from: str = opt("scratch", "start from a new model, out_dir's checkpoint, or OpenAI GPT-2 weights",

@@ -277,27 +277,40 @@ def build_model(cfg, meta, ckpt, ckpt_path):
     return GPT.from_pretrained(cfg.init_from, {k: getattr(cfg, k) for k in keys})
 
 
+def eval_offsets(n_tokens, cfg):
+    """The token offsets of the windows an evaluation scores: the split cut into consecutive
+    block_size windows, every one if they fit in eval_iters batches, else eval_iters * batch_size
+    of them evenly spaced. A small split is scored whole, once (tinyshakespeare's val split is 435
+    windows of 256: 200 random batches of 64 would sample it 29 times over); a larger one by a fixed
+    sample, as far from the whole split's loss as a random sample of that size
+    (results/training_speed.md) but the same in every evaluation of every run, so curves and runs
+    compare without sampling noise."""
+    windows = (n_tokens - 1) // cfg.block_size  # the targets run one token past each window
+    wanted = cfg.eval_iters * cfg.batch_size
+    picked = torch.arange(windows) if windows <= wanted else torch.arange(wanted) * windows // wanted
+    return picked * cfg.block_size
+
+
 @torch.no_grad()
-def estimate_loss(model, splits, dtype, gen, cfg, ctx, device, rank, world, per_pass=EVAL_BATCHES_PER_PASS):
-    """Mean loss over eval_iters batches per split. Offsets come from gen, never the training stream;
-    every rank draws them all and evaluates batches rank, rank + world, ... Up to per_pass batches go
-    through the model at once (without gradients a forward pass holds about one layer's activations,
-    so 8 batches need less memory than a training step); a short last pass is padded to the same
-    shape, so nothing recompiles, with its padding targets set to -1, which the loss ignores."""
+def estimate_loss(model, splits, dtype, cfg, ctx, device, rank, world, per_pass=EVAL_BATCHES_PER_PASS):
+    """Mean loss per split over the windows of eval_offsets; each rank scores windows rank, rank +
+    world, ... Up to per_pass batches of rows go through the model at once (without gradients a
+    forward pass holds about one layer's activations, so 8 batches need less memory than a training
+    step); a short last pass is padded to the same shape, so nothing recompiles, with its padding
+    targets set to -1, which the loss ignores. Every window has block_size targets, so the mean of
+    the passes' means weighted by their rows is the mean over windows."""
     model.eval()
     out = {}
     for split, (path, n_tokens) in splits.items():
-        ix = torch.randint(n_tokens - cfg.block_size, (cfg.eval_iters, cfg.batch_size), generator=gen)
-        mine = ix[rank::world]  # (batches, B): this rank's
-        size = max(1, min(per_pass, len(mine)))
-        total = torch.zeros(2, device=device)  # (sum of losses, batches) on this rank
-        for k in range(0, len(mine), size):
-            n = len(mine[k:k + size])
-            group = torch.cat([mine[k:k + n], mine[:size - n]])  # (size, B), padded with earlier batches
-            x, y = get_batch(path, dtype, group.flatten(), cfg.block_size, device)  # (size * B, T)
-            y[n * cfg.batch_size:] = -1
+        mine = eval_offsets(n_tokens, cfg)[rank::world]
+        rows = cfg.batch_size * max(1, min(per_pass, -(-len(mine) // cfg.batch_size)))
+        total = torch.zeros(2, device=device)  # (sum of losses, windows) on this rank
+        for k in range(0, len(mine), rows):
+            n = len(mine[k:k + rows])
+            x, y = get_batch(path, dtype, mine[torch.arange(k, k + rows) % len(mine)], cfg.block_size, device)
+            y[n:] = -1  # the padding rows, copies of earlier windows
             with ctx:
-                _, loss = model(x, y)  # the mean over n batches of equal size = the mean of their means
+                _, loss = model(x, y)
             total[0] += loss.float() * n
             total[1] += n
         if world > 1:
@@ -381,8 +394,8 @@ def copy_probe_loss(model, split, dtype, cfg, ctx, device, n_seqs=64, seed=0):
     probe would measure memory (a training-text probe fell from 3.55 to 3.00 while the val loss of
     the same run rose from 4.49 to 4.79, results/sigmoid_vs_softmax.md).
     The runs come from their own generator with a fixed seed: every run on the same data and
-    block_size, of either kind and any seed, sees the same probe, and the training and eval streams
-    are untouched. Passes of EVAL_BATCHES_PER_PASS batches (the last padded with ignored rows) keep
+    block_size, of either kind and any seed, sees the same probe, and the training stream is
+    untouched. Passes of EVAL_BATCHES_PER_PASS batches (the last padded with ignored rows) keep
     evaluation's shapes: nothing recompiles."""
     (path, n_tokens), half = split, cfg.block_size // 2
     ix = torch.randint(n_tokens - half, (n_seqs,), generator=torch.Generator().manual_seed(seed))
@@ -413,9 +426,9 @@ def not_finite(loss, iter_num):
                       f"try a lower --learning_rate or a longer --warmup_iters")
 
 
-def restore(ckpt, optimizer, scaler, train_gen, eval_gen, cfg, rank, device):
+def restore(ckpt, optimizer, scaler, train_gen, cfg, rank, device):
     """Put a resumed run where its checkpoint left off: the optimizer (with this run's settings),
-    the scaler, this rank's dropout RNG and both data streams. Returns iter_num, best_val_loss."""
+    the scaler, this rank's dropout RNG and the training data stream. Returns iter_num, best_val_loss."""
     optimizer.load_state_dict(ckpt["optimizer"])
     optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # group 0 decays: see the model
     for group in optimizer.param_groups:  # this run's betas, not the checkpoint's (lr: every step)
@@ -427,14 +440,13 @@ def restore(ckpt, optimizer, scaler, train_gen, eval_gen, cfg, rank, device):
         torch.set_rng_state(rng["torch"][rank])
         if device.startswith("cuda") and rank < len(rng.get("cuda", [])):
             torch.cuda.set_rng_state(rng["cuda"][rank], device)
-    train_gen.set_state(rng["train_data"])
-    eval_gen.set_state(rng["eval_data"])
+    train_gen.set_state(rng["train_data"])  # (older checkpoints also hold an unused "eval_data")
     return ckpt["iter_num"], ckpt["best_val_loss"]
 
 
-def rng_states(device, train_gen, eval_state):
-    """Every rank's dropout RNG (gathered for rank 0: every rank must call this) and the states of
-    the data streams."""
+def rng_states(device, train_gen):
+    """Every rank's dropout RNG (gathered for rank 0: every rank must call this) and the state of
+    the training data stream."""
     mine = [torch.get_rng_state()]
     if device.startswith("cuda"):
         mine.append(torch.cuda.get_rng_state(device))
@@ -443,8 +455,7 @@ def rng_states(device, train_gen, eval_state):
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
     cuda = {"cuda": [r[1] for r in every]} if device.startswith("cuda") else {}
-    return {"torch": [r[0] for r in every], **cuda, "train_data": train_gen.get_state(),
-            "eval_data": eval_state}
+    return {"torch": [r[0] for r in every], **cuda, "train_data": train_gen.get_state()}
 
 
 def training_state(model, optimizer, scaler, cfg, meta, rng):
@@ -661,11 +672,9 @@ def main(argv):
     # from one generator seeded alike and takes micro-batches rank, rank + world, ...: the batches
     # depend on seed and step only, not on the number of ranks, and one saved state resumes them.
     train_gen = torch.Generator().manual_seed(cfg.seed)
-    eval_gen = torch.Generator().manual_seed(cfg.seed + 1)
     iter_num, best_val_loss = 0, math.inf
     if ckpt is not None:
-        iter_num, best_val_loss = restore(ckpt, optimizer, scaler, train_gen, eval_gen, cfg, rank,
-                                          device)
+        iter_num, best_val_loss = restore(ckpt, optimizer, scaler, train_gen, cfg, rank, device)
         ckpts.resumed(ckpt)
         progress["ckpt_iter"] = iter_num
         ckpt = None  # free the memory
@@ -701,9 +710,7 @@ def main(argv):
         record = {"iter": iter_num}
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
             nan_watch.check()
-            eval_state = eval_gen.get_state()  # saved: a run resumed here repeats this evaluation
-            losses = estimate_loss(eval_model, splits, meta["dtype"], eval_gen, cfg, ctx, device,
-                                   rank, world)
+            losses = estimate_loss(eval_model, splits, meta["dtype"], cfg, ctx, device, rank, world)
             record.update(train_loss=losses["train"], val_loss=losses["val"])
             record["copy_loss"] = copy_probe_loss(eval_model, splits["val"], meta["dtype"], cfg, ctx, device)
             if master:
@@ -715,7 +722,7 @@ def main(argv):
             at_end = iter_num >= cfg.max_iters
             if iter_num > first_iter and not cfg.eval_only and (
                     improved or cfg.always_save_checkpoint or at_end):
-                rng = rng_states(device, train_gen, eval_state)  # every rank takes part
+                rng = rng_states(device, train_gen)  # every rank takes part
                 if master:
                     ckpts.save(training_state(raw_model, optimizer, scaler, cfg, meta, rng),
                                iter_num, losses["val"], best_val_loss, improved)

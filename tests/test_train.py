@@ -119,7 +119,7 @@ def test_a_few_steps_lower_the_loss(data_dir, tmp_path, attn):
     assert f"best val loss {last['val_loss']:.4f}" in result.stdout and "sample of 20 tokens:" in result.stdout
     ckpt = load(tmp_path / "out" / "ckpt.pt")
     assert ckpt["iter_num"] == 60 and ckpt["model_args"]["attn"] == attn and ckpt["dataset_meta"]["name"] == "tiny"
-    assert ckpt["config"]["max_iters"] == 60 and set(ckpt["rng"]) == {"torch", "train_data", "eval_data"}
+    assert ckpt["config"]["max_iters"] == 60 and set(ckpt["rng"]) == {"torch", "train_data"}
 
 
 def test_attention_norms_are_logged(data_dir, tmp_path):
@@ -348,6 +348,18 @@ def test_resume_from_other_architecture_is_one_line(data_dir, trained, tmp_path)
     assert train(data_dir, out, "--init_from=resume", "--dropout=0.1", "--max_iters=11").returncode == 0
 
 
+def test_resume_accepts_a_checkpoint_with_an_eval_data_stream(data_dir, trained, tmp_path):
+    """Checkpoints written before evaluation scored fixed windows also hold the state of a random eval
+    stream: it is no longer used, and such a checkpoint resumes."""
+    out = copy_of(trained, tmp_path)
+    ckpt = load(out / "ckpt.pt")
+    ckpt["rng"]["eval_data"] = torch.Generator().manual_seed(1338).get_state()
+    torch.save(ckpt, out / "ckpt.pt")
+    result = train(data_dir, out, "--init_from=resume", "--max_iters=11")
+    assert result.returncode == 0, result.stderr
+    assert load(out / "ckpt.pt")["iter_num"] == 11 and "eval_data" not in load(out / "ckpt.pt")["rng"]
+
+
 def test_resume_applies_this_runs_optimizer_settings(data_dir, trained, tmp_path):
     out = copy_of(trained, tmp_path)
     result = train(data_dir, out, "--init_from=resume", "--weight_decay=0.5", "--beta2=0.95", "--max_iters=11")
@@ -507,28 +519,40 @@ def test_ddp_rank_failure_exits_all_ranks(data_dir, tmp_path):
 # ----------------------------------------------------------------------------- evaluation
 
 
-@pytest.mark.parametrize("eval_iters", [11, 3])  # 8 + a padded 3; fewer than one pass
-def test_batched_evaluation_equals_the_mean_of_per_batch_losses(tmp_path, eval_iters):
+@pytest.mark.parametrize("n_tokens, eval_iters, windows", [
+    (5000, 200, 312),  # 312 windows of 16 fit in 200 batches of 4: all of them, in 8 + 8 + a padded pass
+    (5000, 11, 44),    # 312 do not fit in 11 batches: 44 evenly spaced, in 8 + a padded 3 batches
+    (5000, 3, 12),     # fewer than one pass
+    (17, 200, 1),      # one window: its 16 inputs and 16 targets take all 17 tokens
+])
+def test_evaluation_scores_fixed_windows_and_equals_their_mean_loss(tmp_path, n_tokens, eval_iters, windows):
     from types import SimpleNamespace
 
     import numpy as np
 
     from model import GPT, GPTConfig
-    from train import estimate_loss, get_batch
-    tokens = np.random.default_rng(0).integers(0, 65, 5000).astype(np.uint16)
+    from train import estimate_loss, eval_offsets, get_batch
+    tokens = np.random.default_rng(0).integers(0, 65, n_tokens).astype(np.uint16)
     tokens.tofile(tmp_path / "val.bin")
-    splits = {"val": (str(tmp_path / "val.bin"), len(tokens))}
+    splits = {"val": (str(tmp_path / "val.bin"), n_tokens)}
     cfg = SimpleNamespace(block_size=16, batch_size=4, eval_iters=eval_iters)
+    offsets = eval_offsets(n_tokens, cfg)
+    assert len(offsets) == windows and len(set(offsets.tolist())) == windows
+    assert (offsets % 16 == 0).all() and offsets.max() + 17 <= n_tokens  # whole windows, inside the split
+    if windows == 312:
+        assert offsets.tolist() == list(range(0, 312 * 16, 16))
+    else:  # evenly spaced across the split, not its first windows
+        assert offsets.max() >= (312 - 312 // windows - 1) * 16  # within one spacing of the last window
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dropout=0.5))
-    got = estimate_loss(model, splits, "uint16", torch.Generator().manual_seed(7), cfg, nullcontext(), "cpu", 0, 1)
+    got = estimate_loss(model, splits, "uint16", cfg, nullcontext(), "cpu", 0, 1)
     assert model.training  # back in training mode
-    # the evaluation as it was: the same offsets, one batch per forward pass, the mean of the batch means
+    assert estimate_loss(model, splits, "uint16", cfg, nullcontext(), "cpu", 0, 1) == got  # no sampling
+    # one window per forward pass, in eval mode, the mean of the window means
     model.eval()
-    ix = torch.randint(len(tokens) - 16, (eval_iters, 4), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        losses = [model(*get_batch(splits["val"][0], "uint16", ix[k], 16, "cpu"))[1] for k in range(eval_iters)]
-    assert got["val"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-6)
+        losses = [model(*get_batch(splits["val"][0], "uint16", offsets[k:k + 1], 16, "cpu"))[1] for k in range(windows)]
+    assert got["val"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
 
 
 def test_a_larger_eval_batch_leaves_the_compiled_training_graph_static(tmp_path):
