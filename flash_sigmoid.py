@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+import flash_sigmoid_hopper
+
 try:
     import triton
     import triton.language as tl
@@ -43,6 +45,10 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # at D=64, slower at T <= 4096 (GPT-2's T=1024 causal: 0.91x), where the fp32 atomics cost more
 # than the matmuls saved.
 FUSE_DQ_MIN_HEAD_DIM = 128
+# The Hopper forward (flash_sigmoid_hopper.py, Gluon) for the launches it supports (head dim 128,
+# T >= 4096, no dropout or ALiBi): FLASH_SIGMOID_HOPPER=1 turns it on. Off by default: its speed is
+# measured as a standalone kernel only (results/kernel_speed.md), not yet from this module.
+HOPPER_FORWARD = os.environ.get("FLASH_SIGMOID_HOPPER") == "1"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on the CPU, no inline asm there
 # tanh.approx.f32: one special-function op per score; the interpreter uses tl.sigmoid instead
 FAST_SIGMOID = not INTERPRET
@@ -497,6 +503,8 @@ def _dropout_hashes(seed: Tensor, BH: int, T: int) -> Tensor:
 
 def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optional[Tensor], seed: Optional[Tensor],
                     dropout_p: float, causal: bool, scale: float) -> Tensor:
+    if HOPPER_FORWARD and seed is None and slopes is None and flash_sigmoid_hopper.supports(q, k, v):
+        return flash_sigmoid_hopper.forward(q, k, v, _output_like(q), bias, causal, scale)
     B, H, T, D = q.shape
     o = _output_like(q)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)

@@ -11,7 +11,8 @@ Peers (--impls): SDPA softmax with the cuDNN and flash (FlashAttention-2) backen
 triton-sigmoid when it is installed (no dropout), and with --baseline another copy of
 flash_sigmoid.py (an older commit's, say) as the peer "baseline", so a kernel change is timed
 against its parent in one run; on request the PyTorch reference (eager and torch.compile'd, up to
---ref-max-t: it holds the (T, T) scores) and flash_sigmoid with the exact sigmoid. bf16, B*T = 16k
+--ref-max-t: it holds the (T, T) scores), flash_sigmoid with the exact sigmoid, and flash_sigmoid with
+its Gluon forward switched on (flash_sigmoid_hopper.py; on a Hopper GPU the check covers it too). bf16, B*T = 16k
 tokens, 16 heads, attention dropout 0 and 0.1 (each peer applying its own). FLOPs count
 4*B*H*T*T*D for the forward (half when causal) and 2.5x that for the backward.
 """
@@ -40,13 +41,15 @@ def poison_cache():
     torch.cuda.synchronize()
 
 
-def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, dropout=0.0, fast=True, deterministic=False):
+def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, dropout=0.0, fast=True, deterministic=False,
+               hopper=False):
     """Max relative error of out, dq, dk, dv (and d bias) against the reference run in float64
     (with dropout: the reference applies the kernel's own mask, rewritten in torch). deterministic:
     the backward under torch.use_deterministic_algorithms (dQ from its own kernel, not atomics);
-    otherwise dQ is fused at every head dim, so both backwards are checked everywhere."""
-    fs.FAST_SIGMOID, fuse_from = fast, fs.FUSE_DQ_MIN_HEAD_DIM
-    fs.FUSE_DQ_MIN_HEAD_DIM = 0
+    otherwise dQ is fused at every head dim, so both backwards are checked everywhere. hopper: the
+    Gluon forward switched on (it takes the launches flash_sigmoid_hopper.supports)."""
+    fs.FAST_SIGMOID, fuse_from, hopper_before = fast, fs.FUSE_DQ_MIN_HEAD_DIM, fs.HOPPER_FORWARD
+    fs.FUSE_DQ_MIN_HEAD_DIM, fs.HOPPER_FORWARD = 0, hopper
     q = torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (torch.randn(B, H_kv, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     bias = torch.linspace(-math.log(T), -1.0, H, device="cuda").requires_grad_(learnable)
@@ -60,7 +63,7 @@ def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, dropout=0.0, f
         grads = torch.autograd.grad(out, [q, k, v] + ([bias] if learnable else []), do)
     finally:
         torch.use_deterministic_algorithms(False)
-        fs.FAST_SIGMOID, fs.FUSE_DQ_MIN_HEAD_DIM = True, fuse_from
+        fs.FAST_SIGMOID, fs.FUSE_DQ_MIN_HEAD_DIM, fs.HOPPER_FORWARD = True, fuse_from, hopper_before
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
     keep = dropout_keep_mask(seed, B, H, T, dropout).cuda() if dropout else None
     ref = fs.sigmoid_attention_reference(*ref_in[:3], causal, ref_in[3], None,
@@ -105,6 +108,13 @@ def check(bound=1e-2, args_exact=True):
                 print(f"{B:>2} {H:>3} {H_kv:>3} {T:>5} {D:>4} {causal!s:6} {str(dtype)[6:]:8} {alibi!s:5} {learn!s:5} "
                       f"{drop:<4} {'tanh' if fast else 'exact':8} {'determ' if deterministic else 'atomic':8} "
                       + " ".join(f"{e:.2e}" for e in errs) + ("" if ok else "  FAIL"), flush=True)
+    if fs.flash_sigmoid_hopper.supports(*(torch.empty(1, 1, fs.flash_sigmoid_hopper.MIN_T, 128, device="cuda",
+                                                      dtype=torch.bfloat16),) * 3):
+        for case in [(1, 4, 2, 4097, 128, True, bf16, False, True, 0.0), (2, 2, 2, 4159, 128, False, fp16, False, False, 0.0)]:
+            errs = check_case(*case, hopper=True)
+            failed += max(errs) >= bound
+            print(f"hopper forward (Gluon) {case[:6]} {str(case[6])[6:]}: " + " ".join(f"{e:.2e}" for e in errs)
+                  + ("" if max(errs) < bound else "  FAIL"), flush=True)
     failed += not check_compile()
     print("correctness:", "PASS" if not failed else f"{failed} FAILED")
     return failed == 0
@@ -172,6 +182,7 @@ def peers(ref_max_t, baseline=""):
     impls = {
         "flash_sigmoid": (lambda q, k, v, c, p: fs.flash_sigmoid(q, k, v, causal=c, dropout_p=p), None),
         "flash_sigmoid_exact": (exact_sigmoid, None),
+        "flash_sigmoid_hopper": (hopper_forward, None),
         "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION), None),
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION), None),
         "torch_ref": (lambda q, k, v, c, p: fs.sigmoid_attention_reference(q, k, v, causal=c, dropout_p=p), ref_max_t),
@@ -188,6 +199,14 @@ def peers(ref_max_t, baseline=""):
     except ImportError:
         print("triton-sigmoid is not installed: its column is empty")
     return impls
+
+
+def hopper_forward(q, k, v, causal, dropout_p):
+    before, fs.HOPPER_FORWARD = fs.HOPPER_FORWARD, True  # the Gluon forward where it applies
+    try:
+        return fs.flash_sigmoid(q, k, v, causal=causal, dropout_p=dropout_p)
+    finally:
+        fs.HOPPER_FORWARD = before
 
 
 def exact_sigmoid(q, k, v, causal, dropout_p):
@@ -408,7 +427,7 @@ if __name__ == "__main__":
     p.add_argument("--ref-max-t", type=int, default=1024, help="longest T for the (T, T)-memory reference")
     p.add_argument("--baseline", default="", help="another flash_sigmoid.py to time as the peer 'baseline'")
     p.add_argument("--impls", default=DEFAULT_IMPLS, help="comma-separated implementations (also: "
-                   "flash_sigmoid_exact, torch_ref, torch_ref_compiled); baseline needs --baseline")
+                   "flash_sigmoid_exact, flash_sigmoid_hopper, torch_ref, torch_ref_compiled); baseline needs --baseline")
     p.add_argument("--out", default="", help="write the markdown table to this file")
     p.add_argument("--sweep", action="store_true", help="time each kernel's candidate block shapes, then stop")
     p.add_argument("--wide-tune", action="store_true", help="autotune among all the --sweep shapes; print the choices")

@@ -4,6 +4,7 @@ machine: every kernel is compiled for an H100 (sm_90) without a GPU, and ptxas r
     python benchmarks/kernel_resources.py                           # bf16, head dims 64 and 128, causal and not
     python benchmarks/kernel_resources.py --head-dims 128 --dtype fp16 --dropout --alibi
     python benchmarks/kernel_resources.py --head-dims 64 --causal no --loop [--dropout]   # + inner-loop instructions
+    python benchmarks/kernel_resources.py --head-dims 128 --kernels fwd,hopper   # beside the Gluon forward (Hopper)
 
 Use it before spending GPU time on a block-shape or kernel change. A thread has at most 255
 registers; "spill" bytes are registers moved to local memory, and shared memory above 227 KiB per
@@ -41,9 +42,13 @@ from triton.runtime.jit import native_specialize_impl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: flash_sigmoid.py, model.py
 import flash_sigmoid as fs  # noqa: E402
+import flash_sigmoid_hopper as hopper  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)  # compute capability 9.0, 32-thread warps
 KERNELS = {"fwd": fs._fwd_kernel, "dkdv": fs._bwd_dkdv_kernel, "dq": fs._bwd_dq_kernel}
+if hopper.gluon is not None:  # the Gluon forward: one config, no autotuning
+    from triton.experimental.gluon._runtime import GluonASTSource
+    KERNELS["hopper"] = hopper._fwd_kernel
 
 
 def launch_arguments(dtype, D, T, H, group):
@@ -69,7 +74,7 @@ def launch_signature(kernel, constexprs, args):
     vectorises loads), integers equal to 1 folded into constants, floats left alone."""
     backend = make_backend(H100)
     signature, constants, attrs = {}, dict(constexprs), {}
-    for i, name in enumerate(kernel.fn.arg_names):
+    for i, name in enumerate(kernel.arg_names):
         value = args.get(name)
         if name in constexprs:
             signature[name] = "constexpr"
@@ -110,10 +115,11 @@ def loop_opcodes(cubin: bytes) -> collections.Counter:
 
 
 def resources(kernel, config, constexprs, args, loop=False):
-    """(registers per thread, spill store bytes, shared memory bytes) of one compiled config, and
-    with loop the opcode counts of its inner loop."""
+    """(registers per thread, spill store bytes, shared memory bytes) of one compiled config (kernel:
+    a @triton.jit or @gluon.jit function), and with loop the opcode counts of its inner loop."""
     signature, constants, attrs = launch_signature(kernel, {**constexprs, **config.kwargs}, args)
-    compiled = triton.compile(ASTSource(kernel.fn, signature, constants, attrs), target=H100,
+    source = GluonASTSource if kernel is KERNELS.get("hopper") else ASTSource  # kernel: the jit function itself
+    compiled = triton.compile(source(kernel, signature, constants, attrs), target=H100,
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
@@ -136,7 +142,8 @@ def main():
     p.add_argument("--seq-len", type=int, default=4096, help="T (only whether it divides by 16 matters)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--group", type=int, default=1, help="query heads per key/value head (GQA)")
-    p.add_argument("--kernels", default="fwd,dkdv,dq", help="comma-separated subset of fwd, dkdv, dq")
+    p.add_argument("--kernels", default="fwd,dkdv,dq", help="comma-separated subset of fwd, dkdv, dq, hopper "
+                   "(the Gluon forward of flash_sigmoid_hopper.py, where Triton has Gluon)")
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--dropout", action="store_true", help="the kernels with attention dropout compiled in")
     p.add_argument("--alibi", action="store_true", help="the kernels with ALiBi compiled in")
@@ -144,7 +151,10 @@ def main():
     args = p.parse_args()
     for name in args.kernels.split(","):
         if name not in KERNELS:
-            sys.exit(f"error: --kernels takes fwd, dkdv, dq; got {name!r}")
+            sys.exit(f"error: --kernels takes {', '.join(KERNELS)}; got {name!r}")
+        if name == "hopper" and (args.dropout or args.alibi):
+            sys.exit("error: the hopper forward has no dropout or ALiBi (those launches take the portable kernel): "
+                     "drop --dropout and --alibi")
     for D in args.head_dims:
         if D not in fs.SUPPORTED_HEAD_DIMS:
             sys.exit(f"error: --head-dims takes {', '.join(map(str, fs.SUPPORTED_HEAD_DIMS))} (the kernel's); got {D}")
@@ -155,11 +165,16 @@ def main():
     for D in args.head_dims:
         for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
             for name in args.kernels.split(","):
-                kernel = KERNELS[name]
-                constexprs = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=args.alibi, DROPOUT=args.dropout, FAST=True)
+                if name == "hopper":  # one config, its num_warps a constexpr argument
+                    kernel, constexprs = KERNELS[name], dict(HEAD_DIM=D, CAUSAL=causal, num_warps=hopper.NUM_WARPS)
+                    configs = [triton.Config({"BLOCK_M": hopper.BLOCK_M, "BLOCK_N": hopper.BLOCK_N},
+                                             num_warps=hopper.NUM_WARPS, num_stages=1)]
+                else:
+                    kernel, configs = KERNELS[name].fn, KERNELS[name].configs
+                    constexprs = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=args.alibi, DROPOUT=args.dropout, FAST=True)
                 if name == "dkdv":  # as the default (non-deterministic) backward launches it: dQ fused
                     constexprs.update(BIAS_GRAD=False, FUSE_DQ=True)
-                for config in kernel.configs:
+                for config in configs:
                     shape = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
                     launch = launch_arguments(args.dtype, D, args.seq_len, args.heads, args.group)
                     regs, spill, shared, ops = resources(kernel, config, constexprs, launch, args.loop)

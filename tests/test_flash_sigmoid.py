@@ -307,6 +307,38 @@ def test_dropout_mask_follows_the_seed():
             fs.flash_sigmoid(q, k, v, dropout_p=0.5, dropout_seed=bad_seed)
 
 
+HOPPER = (not fs.INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+          and fs.flash_sigmoid_hopper.gluon is not None)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs a Hopper GPU and a Triton with Gluon")
+@pytest.mark.parametrize("H, H_kv, T, causal, dtype, bound", [
+    (4, 2, 4097, True, torch.bfloat16, 5e-3),   # GQA, one key past a whole tile
+    (2, 2, 4159, False, torch.float16, 1e-3),
+])
+def test_hopper_forward_matches_float64(monkeypatch, H, H_kv, T, causal, dtype, bound):
+    """With FLASH_SIGMOID_HOPPER's switch on, a launch it supports takes the Gluon forward (counted), on
+    q, k, v sliced from one projection as the model makes them; the gradients come from the portable
+    backward and must match too."""
+    monkeypatch.setattr(fs, "HOPPER_FORWARD", True)
+    calls = []
+    forward = fs.flash_sigmoid_hopper.forward
+    monkeypatch.setattr(fs.flash_sigmoid_hopper, "forward", lambda *a: calls.append(1) or forward(*a))
+    D = 128
+    g = torch.Generator().manual_seed(T)
+    qkv = torch.randn(1, T, H + 2 * H_kv, D, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    q, k, v = (t.transpose(1, 2) for t in qkv.split([H, H_kv, H_kv], dim=2))
+    bias = torch.linspace(-math.log(T), -1.0, H)
+    do = torch.randn(1, H, T, D, generator=g).to(dtype).to(DEVICE)
+    out = fs.flash_sigmoid(q, k, v, causal, bias.to(DEVICE))
+    out.backward(do)
+    assert calls == [1]
+    qkv64 = qkv.detach().double().cpu().requires_grad_()
+    ref = sigmoid_attention_f64(*(t.transpose(1, 2) for t in qkv64.split([H, H_kv, H_kv], dim=2)), causal, bias)
+    ref.backward(do.double().cpu())
+    assert rel_err(out.cpu(), ref) < bound and rel_err(qkv.grad.cpu(), qkv64.grad) < bound
+
+
 def test_bad_input_is_one_clear_value_error():
     q, k, v = make_inputs(1, 4, 2, 16, 16, torch.float32, 1)
     bad = [

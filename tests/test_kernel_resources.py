@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+import flash_sigmoid_hopper
+
 HERE = Path(__file__).resolve().parent.parent  # the repository root
 
 
@@ -30,7 +34,7 @@ def test_refuses_the_interpreter_and_bad_arguments_in_one_line():
     out = run(interpret=True)
     assert out.returncode != 0 and "unset TRITON_INTERPRET" in out.stderr
     out = run("--kernels", "fwd,bwd")
-    assert out.returncode != 0 and re.search(r"--kernels takes fwd, dkdv, dq; got 'bwd'", out.stderr)
+    assert out.returncode != 0 and re.search(r"--kernels takes fwd, dkdv, dq(, hopper)?; got .bwd.", out.stderr)
     out = run("--head-dims", "48")
     assert out.returncode != 0 and "--head-dims takes 16, 32, 64, 128 (the kernel's); got 48" in out.stderr
 
@@ -47,3 +51,16 @@ def test_loop_counts_the_inner_loop_and_sees_the_dropout_keep_test():
         assert all("MUFU" in row.group(2) or "FFMA" in row.group(2) for row in rows)  # tanh and its fma
     # the keep test (a multiply, a compare and a select per score) adds to every config's loop
     assert all(with_dropout > without for with_dropout, without in zip(counts[True], counts[False]))
+
+
+@pytest.mark.skipif(flash_sigmoid_hopper.gluon is None, reason="this Triton has no Gluon")
+def test_compiles_the_gluon_hopper_forward_without_spills():
+    out = run("--head-dims", "128", "--kernels", "hopper", "--dtype", "fp16")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("hopper")]
+    assert [row[2] for row in rows] == ["False", "True"]  # causal both ways
+    for row in rows:
+        registers, spill, shared_kib = int(row[-3]), int(row[-2]), float(row[-1])
+        assert registers <= 255 and spill == 0 and 0 < shared_kib <= 227
+    out = run("--kernels", "hopper", "--dropout")
+    assert out.returncode != 0 and "the hopper forward has no dropout or ALiBi" in out.stderr
