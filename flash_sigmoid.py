@@ -503,7 +503,7 @@ def _dropout_hashes(seed: Tensor, BH: int, T: int) -> Tensor:
 
 def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optional[Tensor], seed: Optional[Tensor],
                     dropout_p: float, causal: bool, scale: float) -> Tensor:
-    if HOPPER_FORWARD and seed is None and slopes is None and flash_sigmoid_hopper.supports(q, k, v):
+    if HOPPER_FORWARD and FAST_SIGMOID and seed is None and slopes is None and flash_sigmoid_hopper.supports(q, k, v):
         return flash_sigmoid_hopper.forward(q, k, v, _output_like(q), bias, causal, scale)
     B, H, T, D = q.shape
     o = _output_like(q)

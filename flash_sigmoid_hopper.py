@@ -32,8 +32,8 @@ except ImportError:  # no Triton, or one without Gluon: the portable kernel serv
     gluon = None
 
 BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 4
-# where it measured at least the portable kernel's speed: head dim 128 from T = 4096 (at head dim 64
-# it measured level with it; T = 1024 is not measured)
+# where it measured level with the portable kernel (T = 4096) or faster (T = 16384): head dim 128;
+# at head dim 64 it was level at best; T = 1024 is not measured
 HEAD_DIMS, MIN_T = (128,), 4096
 
 
@@ -51,7 +51,9 @@ def supports(q, k, v):
 
 def forward(q, k, v, o, bias, causal, scale):
     """Writes O into o (B, H, T, D), as flash_sigmoid's forward; bias: (H,) float32."""
-    _set_allocator()
+    # the kernel makes its TMA descriptors on the GPU, in scratch memory Triton asks torch for; set
+    # on every call: Triton keeps the allocator per thread (autograd may run a recompute in another)
+    triton.set_allocator(_scratch)
     B, H, T, D = q.shape
     st = lambda t: (t.stride(0), t.stride(1), t.stride(2))
     _fwd_kernel[(triton.cdiv(T, BLOCK_M), B * H)](
@@ -60,15 +62,8 @@ def forward(q, k, v, o, bias, causal, scale):
     return o
 
 
-_allocator_set = False
-
-
-def _set_allocator():
-    """The kernel makes its TMA descriptors on the GPU, in scratch memory Triton asks torch for."""
-    global _allocator_set
-    if not _allocator_set:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _allocator_set = True
+def _scratch(size, align, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 if gluon is not None:

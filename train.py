@@ -296,14 +296,14 @@ def estimate_loss(model, splits, dtype, cfg, ctx, device, rank, world, per_pass=
     """Mean loss per split over the windows of eval_offsets; each rank scores windows rank, rank +
     world, ... Up to per_pass batches of rows go through the model at once (without gradients a
     forward pass holds about one layer's activations, so 8 batches need less memory than a training
-    step); a short last pass is padded to the same shape, so nothing recompiles, with its padding
-    targets set to -1, which the loss ignores. Every window has block_size targets, so the mean of
+    step); a short last pass, or a split shorter than one pass, is padded to the same shape, so
+    nothing recompiles, with its padding targets set to -1, which the loss ignores. Every window has block_size targets, so the mean of
     the passes' means weighted by their rows is the mean over windows."""
     model.eval()
     out = {}
     for split, (path, n_tokens) in splits.items():
         mine = eval_offsets(n_tokens, cfg)[rank::world]
-        rows = cfg.batch_size * max(1, min(per_pass, -(-len(mine) // cfg.batch_size)))
+        rows = cfg.batch_size * per_pass  # one shape for every split and the copy probe: one compile
         total = torch.zeros(2, device=device)  # (sum of losses, windows) on this rank
         for k in range(0, len(mine), rows):
             n = len(mine[k:k + rows])

@@ -46,9 +46,12 @@ import flash_sigmoid_hopper as hopper  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)  # compute capability 9.0, 32-thread warps
 KERNELS = {"fwd": fs._fwd_kernel, "dkdv": fs._bwd_dkdv_kernel, "dq": fs._bwd_dq_kernel}
-if hopper.gluon is not None:  # the Gluon forward: one config, no autotuning
+try:  # the Gluon forward: one config, no autotuning (GluonASTSource is Triton's, not a public name)
     from triton.experimental.gluon._runtime import GluonASTSource
-    KERNELS["hopper"] = hopper._fwd_kernel
+    if hopper.gluon is not None:
+        KERNELS["hopper"] = hopper._fwd_kernel
+except ImportError:
+    pass
 
 
 def launch_arguments(dtype, D, T, H, group):

@@ -312,11 +312,11 @@ HOPPER = (not fs.INTERPRET and torch.cuda.is_available() and torch.cuda.get_devi
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs a Hopper GPU and a Triton with Gluon")
-@pytest.mark.parametrize("H, H_kv, T, causal, dtype, bound", [
-    (4, 2, 4097, True, torch.bfloat16, 5e-3),   # GQA, one key past a whole tile
-    (2, 2, 4159, False, torch.float16, 1e-3),
+@pytest.mark.parametrize("B, H, H_kv, T, causal, dtype, bound", [
+    (2, 4, 2, 4097, True, torch.bfloat16, 5e-3),   # GQA, one key past a whole tile
+    (1, 2, 2, 4159, False, torch.float16, 1e-3),
 ])
-def test_hopper_forward_matches_float64(monkeypatch, H, H_kv, T, causal, dtype, bound):
+def test_hopper_forward_matches_float64(monkeypatch, B, H, H_kv, T, causal, dtype, bound):
     """With FLASH_SIGMOID_HOPPER's switch on, a launch it supports takes the Gluon forward (counted), on
     q, k, v sliced from one projection as the model makes them; the gradients come from the portable
     backward and must match too."""
@@ -326,10 +326,10 @@ def test_hopper_forward_matches_float64(monkeypatch, H, H_kv, T, causal, dtype, 
     monkeypatch.setattr(fs.flash_sigmoid_hopper, "forward", lambda *a: calls.append(1) or forward(*a))
     D = 128
     g = torch.Generator().manual_seed(T)
-    qkv = torch.randn(1, T, H + 2 * H_kv, D, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    qkv = torch.randn(B, T, H + 2 * H_kv, D, generator=g).to(dtype).to(DEVICE).requires_grad_()
     q, k, v = (t.transpose(1, 2) for t in qkv.split([H, H_kv, H_kv], dim=2))
     bias = torch.linspace(-math.log(T), -1.0, H)
-    do = torch.randn(1, H, T, D, generator=g).to(dtype).to(DEVICE)
+    do = torch.randn(B, H, T, D, generator=g).to(dtype).to(DEVICE)
     out = fs.flash_sigmoid(q, k, v, causal, bias.to(DEVICE))
     out.backward(do)
     assert calls == [1]

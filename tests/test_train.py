@@ -520,8 +520,8 @@ def test_ddp_rank_failure_exits_all_ranks(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("n_tokens, eval_iters, windows", [
-    (5000, 200, 312),  # 312 windows of 16 fit in 200 batches of 4: all of them, in 8 + 8 + a padded pass
-    (5000, 11, 44),    # 312 do not fit in 11 batches: 44 evenly spaced, in 8 + a padded 3 batches
+    (5000, 200, 312),  # 312 windows of 16 fit in 200 batches of 4: all of them, 9 passes of 32 and a padded one
+    (5000, 11, 44),    # 312 do not fit in 11 batches: 44 evenly spaced, a pass of 32 and a padded one
     (5000, 3, 12),     # fewer than one pass
     (17, 200, 1),      # one window: its 16 inputs and 16 targets take all 17 tokens
 ])
@@ -553,6 +553,32 @@ def test_evaluation_scores_fixed_windows_and_equals_their_mean_loss(tmp_path, n_
     with torch.no_grad():
         losses = [model(*get_batch(splits["val"][0], "uint16", offsets[k:k + 1], 16, "cpu"))[1] for k in range(windows)]
     assert got["val"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+
+
+def test_ranks_split_the_evaluation_windows_and_their_sums_make_the_whole(tmp_path, monkeypatch):
+    """Under DDP each rank scores windows rank, rank + world, ...; the all-reduced (sum, count) of all
+    ranks is the one-rank evaluation, whatever the number of ranks, also when some ranks get none."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import train
+    from model import GPT, GPTConfig
+    tokens = np.random.default_rng(1).integers(0, 65, 1000).astype(np.uint16)
+    tokens.tofile(tmp_path / "val.bin")
+    splits = {"val": (str(tmp_path / "val.bin"), len(tokens))}  # 62 windows of 16
+    cfg = SimpleNamespace(block_size=16, batch_size=4, eval_iters=200)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16))
+    whole = train.estimate_loss(model, splits, "uint16", cfg, nullcontext(), "cpu", 0, 1)["val"]
+    for world in (3, 100):  # 100 ranks: 38 of them score nothing
+        totals = []
+        monkeypatch.setattr(train.dist, "all_reduce", lambda t: totals.append(t.clone()))
+        for rank in range(world):
+            train.estimate_loss(model, splits, "uint16", cfg, nullcontext(), "cpu", rank, world)
+        summed = torch.stack(totals).sum(0)
+        assert summed[1] == 62 and sum(t[1] == 0 for t in totals) == max(0, world - 62)
+        assert (summed[0] / summed[1]).item() == pytest.approx(whole, rel=1e-5)
 
 
 def test_a_larger_eval_batch_leaves_the_compiled_training_graph_static(tmp_path):
