@@ -50,6 +50,7 @@ try:  # the Gluon forward: one config, no autotuning (GluonASTSource is Triton's
     from triton.experimental.gluon._runtime import GluonASTSource
     if hopper.gluon is not None:
         KERNELS["hopper"] = hopper._fwd_kernel
+        KERNELS["hopper_bwd"] = hopper._bwd_kernel
 except ImportError:
     pass
 
@@ -118,10 +119,11 @@ def loop_opcodes(cubin: bytes) -> collections.Counter:
 
 
 def resources(kernel, config, constexprs, args, loop=False):
-    """(registers per thread, spill store bytes, shared memory bytes) of one compiled config (kernel:
-    a @triton.jit or @gluon.jit function), and with loop the opcode counts of its inner loop."""
+    """(registers per thread, spill store bytes, shared memory bytes, whether ptxas serialized its wgmmas)
+    of one compiled config (kernel: a @triton.jit or @gluon.jit function), and with loop the opcode
+    counts of its inner loop."""
     signature, constants, attrs = launch_signature(kernel, {**constexprs, **config.kwargs}, args)
-    source = GluonASTSource if kernel is KERNELS.get("hopper") else ASTSource  # kernel: the jit function itself
+    source = GluonASTSource if kernel in (KERNELS.get("hopper"), KERNELS.get("hopper_bwd")) else ASTSource  # kernel: the jit function itself
     compiled = triton.compile(source(kernel, signature, constants, attrs), target=H100,
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
@@ -130,12 +132,15 @@ def resources(kernel, config, constexprs, args, loop=False):
         ptxas = get_ptxas(90).path  # the ptxas Triton itself compiles with
         report = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
                                 capture_output=True, text=True).stderr
+    # ptxas waits for every wgmma right after issuing it when it cannot prove the overlap safe (note C7514
+    # and kin, "wgmma.mma_async instructions are serialized"): the tensor cores then idle between them
+    serial = "wgmma.mma_async instructions are serialized" in report
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
     if registers is None:
         raise RuntimeError(f"ptxas said: {report.strip()[-300:]}")
     ops = loop_opcodes(compiled.asm["cubin"]) if loop else None
-    return int(registers.group(1)), int(spills.group(1)) if spills else 0, compiled.metadata.shared, ops
+    return int(registers.group(1)), int(spills.group(1)) if spills else 0, compiled.metadata.shared, serial, ops
 
 
 def main():
@@ -145,8 +150,8 @@ def main():
     p.add_argument("--seq-len", type=int, default=4096, help="T (only whether it divides by 16 matters)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--group", type=int, default=1, help="query heads per key/value head (GQA)")
-    p.add_argument("--kernels", default="fwd,dkdv,dq", help="comma-separated subset of fwd, dkdv, dq, hopper "
-                   "(the Gluon forward of flash_sigmoid_hopper.py, where Triton has Gluon)")
+    p.add_argument("--kernels", default="fwd,dkdv,dq", help="comma-separated subset of fwd, dkdv, dq, hopper, "
+                   "hopper_bwd (the Gluon forward and backward of flash_sigmoid_hopper.py, where Triton has Gluon)")
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--dropout", action="store_true", help="the kernels with attention dropout compiled in")
     p.add_argument("--alibi", action="store_true", help="the kernels with ALiBi compiled in")
@@ -155,23 +160,24 @@ def main():
     for name in args.kernels.split(","):
         if name not in KERNELS:
             sys.exit(f"error: --kernels takes {', '.join(KERNELS)}; got {name!r}")
-        if name == "hopper" and (args.dropout or args.alibi):
-            sys.exit("error: the hopper forward has no dropout or ALiBi (those launches take the portable kernel): "
+        if name.startswith("hopper") and (args.dropout or args.alibi):
+            sys.exit("error: the hopper kernels have no dropout or ALiBi (those launches take the portable kernels): "
                      "drop --dropout and --alibi")
     for D in args.head_dims:
         if D not in fs.SUPPORTED_HEAD_DIMS:
             sys.exit(f"error: --head-dims takes {', '.join(map(str, fs.SUPPORTED_HEAD_DIMS))} (the kernel's); got {D}")
     print(f"triton {triton.__version__}, sm_90, {args.dtype}, T={args.seq_len}, {args.heads} heads, group {args.group}; "
           "config = (BLOCK_M, BLOCK_N, warps, stages)")
-    print(f"{'kernel':6} {'D':>4} causal {'config':18} {'registers':>9} {'spill B':>8} {'shared KiB':>10}"
+    print(f"{'kernel':10} {'D':>4} causal {'config':18} {'registers':>9} {'spill B':>8} {'shared KiB':>10} wgmma"
           + ("  loop instructions (top opcodes)" if args.loop else ""))
     for D in args.head_dims:
         for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
             for name in args.kernels.split(","):
-                if name == "hopper":  # one config, its num_warps a constexpr argument
-                    kernel, constexprs = KERNELS[name], dict(HEAD_DIM=D, CAUSAL=causal, num_warps=hopper.NUM_WARPS)
-                    configs = [triton.Config({"BLOCK_M": hopper.BLOCK_M, "BLOCK_N": hopper.BLOCK_N},
-                                             num_warps=hopper.NUM_WARPS, num_stages=1)]
+                if name in ("hopper", "hopper_bwd"):  # one config each, num_warps a constexpr argument
+                    m, n, w = ((hopper.BLOCK_M, hopper.BLOCK_N, hopper.NUM_WARPS) if name == "hopper" else
+                               (hopper.BWD_BLOCK_M, hopper.BWD_BLOCK_N, hopper.BWD_NUM_WARPS))
+                    kernel, constexprs = KERNELS[name], dict(HEAD_DIM=D, CAUSAL=causal, num_warps=w)
+                    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=1)]
                 else:
                     kernel, configs = KERNELS[name].fn, KERNELS[name].configs
                     constexprs = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=args.alibi, DROPOUT=args.dropout, FAST=True)
@@ -180,9 +186,10 @@ def main():
                 for config in configs:
                     shape = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
                     launch = launch_arguments(args.dtype, D, args.seq_len, args.heads, args.group)
-                    regs, spill, shared, ops = resources(kernel, config, constexprs, launch, args.loop)
+                    regs, spill, shared, serial, ops = resources(kernel, config, constexprs, launch, args.loop)
                     top = f"  {sum(ops.values()):5} ({', '.join(f'{op} {n}' for op, n in ops.most_common(6))})" if args.loop else ""
-                    print(f"{name:6} {D:4} {causal!s:6} {str(shape):18} {regs:9} {spill:8} {shared / 1024:10.1f}{top}",
+                    print(f"{name:10} {D:4} {causal!s:6} {str(shape):18} {regs:9} {spill:8} {shared / 1024:10.1f} "
+                          f"{'serial' if serial else 'async':6}{top}",
                           flush=True)
 
 
