@@ -45,11 +45,10 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # at D=64, slower at T <= 4096 (GPT-2's T=1024 causal: 0.91x), where the fp32 atomics cost more
 # than the matmuls saved.
 FUSE_DQ_MIN_HEAD_DIM = 128
-# The Hopper kernels (flash_sigmoid_hopper.py, Gluon: a forward, and a backward with dQ fused) for the
-# launches they support (head dim 128, T >= MIN_T, no dropout or ALiBi; the backward also not under
-# deterministic algorithms or with a learnable bias): FLASH_SIGMOID_HOPPER=1 turns them on. Off by default
-# until their speed inside this module is measured (results/kernel_speed.md).
-HOPPER_KERNELS = os.environ.get("FLASH_SIGMOID_HOPPER") == "1"
+# The Hopper forward (flash_sigmoid_hopper.py, Gluon) for the launches it supports (head dim 128,
+# T >= 4096, no dropout or ALiBi): FLASH_SIGMOID_HOPPER=1 turns it on. Off by default: its speed is
+# measured as a standalone kernel only (results/kernel_speed.md), not yet from this module.
+HOPPER_FORWARD = os.environ.get("FLASH_SIGMOID_HOPPER") == "1"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on the CPU, no inline asm there
 # tanh.approx.f32: one special-function op per score; the interpreter uses tl.sigmoid instead
 FAST_SIGMOID = not INTERPRET
@@ -119,9 +118,7 @@ def flash_sigmoid(q, k, v, causal=True, sigmoid_bias=None, scale=None, alibi_slo
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(2**31, (1,), device=q.device) if dropout_seed is None else dropout_seed
-    # chosen once, here: the backward follows the forward's choice
-    hopper = HOPPER_KERNELS and FAST_SIGMOID and seed is None and slopes is None and flash_sigmoid_hopper.supports(q, k, v)
-    args = (q, k, v, bias, slopes, seed, float(dropout_p), bool(causal), scale, hopper)
+    args = (q, k, v, bias, slopes, seed, float(dropout_p), bool(causal), scale)
     if torch.compiler.is_compiling():
         return torch.ops.flash_sigmoid.forward(*args)
     return _FlashSigmoid.apply(*args)
@@ -505,8 +502,8 @@ def _dropout_hashes(seed: Tensor, BH: int, T: int) -> Tensor:
 
 
 def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optional[Tensor], seed: Optional[Tensor],
-                    dropout_p: float, causal: bool, scale: float, hopper: bool) -> Tensor:
-    if hopper:
+                    dropout_p: float, causal: bool, scale: float) -> Tensor:
+    if HOPPER_FORWARD and FAST_SIGMOID and seed is None and slopes is None and flash_sigmoid_hopper.supports(q, k, v):
         return flash_sigmoid_hopper.forward(q, k, v, _output_like(q), bias, causal, scale)
     B, H, T, D = q.shape
     o = _output_like(q)
@@ -521,7 +518,7 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optio
 
 
 def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slopes: Optional[Tensor],
-                     seed: Optional[Tensor], dropout_p: float, causal: bool, scale: float, hopper: bool,
+                     seed: Optional[Tensor], dropout_p: float, causal: bool, scale: float,
                      bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv and d bias from dO, recomputing P = sigmoid(S) tile by tile from Q and K.
 
@@ -538,10 +535,6 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    if hopper and not bias_grad and not deterministic and flash_sigmoid_hopper.supports(do):
-        flash_sigmoid_hopper.backward(do, q, k, v, dq, dk, dv, bias, causal, scale)
-        return dq, dk, dv, torch.empty_like(bias)  # unused: autograd gets None
     common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=slopes is not None, DROPOUT=seed is not None, FAST=FAST_SIGMOID)
     slopes = bias if slopes is None else slopes  # placeholder pointers for what the launch never reads
     hashes = bias if seed is None else _dropout_hashes(seed, B * H, T)  # the forward's, recomputed
@@ -549,7 +542,7 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     # without bias_grad an unwritten placeholder: no fill kernel to launch (host time counts at short T)
     dbias_partial = (torch.zeros if bias_grad else torch.empty)(
         (triton.cdiv(T, 16), B, H) if bias_grad else (1,), device=q.device, dtype=torch.float32)
-    fuse_dq = D >= FUSE_DQ_MIN_HEAD_DIM and not deterministic
+    fuse_dq = D >= FUSE_DQ_MIN_HEAD_DIM and not torch.are_deterministic_algorithms_enabled()
     dq_acc = (torch.zeros if fuse_dq else torch.empty)(  # without fuse_dq an unwritten placeholder
         (B, H, T, D) if fuse_dq else (1, 1, 1), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)
@@ -569,9 +562,9 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, slopes, seed, dropout_p, causal, scale, hopper = inputs
+    q, k, v, bias, slopes, seed, dropout_p, causal, scale = inputs
     ctx.save_for_backward(q, k, v, bias, slopes, seed)  # the seed regenerates the dropout mask
-    ctx.dropout_p, ctx.causal, ctx.scale, ctx.hopper = dropout_p, causal, scale, hopper
+    ctx.dropout_p, ctx.causal, ctx.scale = dropout_p, causal, scale
 
 
 def _backward_through(launch_backward):
@@ -580,8 +573,8 @@ def _backward_through(launch_backward):
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dk, dv, dbias = launch_backward(do, q, k, v, bias, slopes, seed, ctx.dropout_p, ctx.causal,
-                                            ctx.scale, ctx.hopper, ctx.needs_input_grad[3])
-        return dq, dk, dv, dbias if ctx.needs_input_grad[3] else None, None, None, None, None, None, None
+                                            ctx.scale, ctx.needs_input_grad[3])
+        return dq, dk, dv, dbias if ctx.needs_input_grad[3] else None, None, None, None, None, None
     return backward
 
 
@@ -604,12 +597,12 @@ _backward_op = torch.library.custom_op("flash_sigmoid::backward", _launch_backwa
 
 
 @_forward_op.register_fake
-def _(q, k, v, bias, slopes, seed, dropout_p, causal, scale, hopper):
+def _(q, k, v, bias, slopes, seed, dropout_p, causal, scale):
     return _output_like(q)
 
 
 @_backward_op.register_fake
-def _(do, q, k, v, bias, slopes, seed, dropout_p, causal, scale, hopper, bias_grad):
+def _(do, q, k, v, bias, slopes, seed, dropout_p, causal, scale, bias_grad):
     return _grad_like(q), _grad_like(k), _grad_like(v), bias.new_empty(bias.shape)
 
 

@@ -26,8 +26,7 @@ try:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, fence_async_shared, warpgroup_mma,
-                                                                  warpgroup_mma_init,
+    from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
                                                                   warpgroup_mma_wait)
 except ImportError:  # no Triton, or one without Gluon: the portable kernel serves every launch
     gluon = None
@@ -36,20 +35,18 @@ BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 4
 # where it measured level with the portable kernel (T = 4096) or faster (T = 16384): head dim 128;
 # at head dim 64 it was level at best; T = 1024 is not measured
 HEAD_DIMS, MIN_T = (128,), 4096
-BWD_BLOCK_M, BWD_BLOCK_N, BWD_NUM_WARPS = 64, 128, 8
 
 
-def supports(q, *others):
-    """Whether to take the Gluon kernels for these tensors (q's shape decides; q and the others must
-    suit TMA): a Hopper GPU, fp16 or bf16, a head dim and length from above, 16-byte aligned bases and
-    row strides, head dim contiguous."""
+def supports(q, k, v):
+    """Whether to take the Gluon forward for these tensors: a Hopper GPU, fp16 or bf16, a head dim and
+    length from above, and what TMA needs (16-byte aligned bases and row strides, head dim contiguous)."""
     if gluon is None or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in HEAD_DIMS or q.shape[2] < MIN_T:
         return False
     aligned = lambda t: (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
                          and all(s % 8 == 0 for s in (t.stride(0), t.stride(1), t.stride(2))))  # 8 x 2 bytes
-    return all(aligned(t) for t in (q,) + others)
+    return aligned(q) and aligned(k) and aligned(v)
 
 
 def forward(q, k, v, o, bias, causal, scale):
@@ -63,21 +60,6 @@ def forward(q, k, v, o, bias, causal, scale):
         q, k, v, o, bias, *st(q), *st(k), *st(v), *st(o), H, H // k.shape[1], T, scale,
         HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, num_warps=NUM_WARPS)
     return o
-
-
-def backward(do, q, k, v, dq, dk, dv, bias, causal, scale):
-    """Writes dQ, dK, dV into dq, dk, dv, as flash_sigmoid's backward with dQ fused (added atomically in
-    fp32, so its last bits vary from run to run); bias: (H,) float32, not learnable here."""
-    triton.set_allocator(_scratch)
-    B, H, T, D = q.shape
-    H_kv = k.shape[1]
-    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    st = lambda t: (t.stride(0), t.stride(1), t.stride(2))
-    _bwd_kernel[(triton.cdiv(T, BWD_BLOCK_N), B * H_kv)](
-        q, k, v, do, dk, dv, dq_acc, bias, *st(q), *st(k), *st(v), *st(do), *st(dk), *st(dv), *st(dq_acc),
-        H, H // H_kv, T, scale, HEAD_DIM=D, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, CAUSAL=causal,
-        num_warps=BWD_NUM_WARPS)
-    dq.copy_(dq_acc)
 
 
 def _scratch(size, align, stream):
@@ -98,18 +80,6 @@ if gluon is not None:
         if MASK:
             cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
             p = gl.where(gl.expand_dims(rows, 1) >= gl.expand_dims(cols, 0), p, 0.0)
-        return p
-
-    @gluon.jit
-    def _probs_t(st, keys, start_m, half_scale, half_bias, BLOCK_M: gl.constexpr, MASK: gl.constexpr,
-                 layout: gl.constexpr):
-        """P^T from S^T (keys along the rows): as _probs, 0 where the key lies after the query when MASK."""
-        x = st * half_scale + half_bias
-        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1)
-        p = 0.5 * t + 0.5
-        if MASK:
-            queries = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, layout))
-            p = gl.where(gl.expand_dims(queries, 0) >= gl.expand_dims(keys, 1), p, 0.0)
         return p
 
     @gluon.jit
@@ -193,125 +163,3 @@ if gluon is not None:
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         ptrs = O + b * stride_ob + h * stride_oh + gl.expand_dims(out_rows, 1) * stride_ot + gl.expand_dims(cols, 0)
         gl.store(ptrs, acc.to(dtype), mask=gl.expand_dims(out_rows, 1) < T)
-
-
-    @gluon.jit
-    def _bwd_kernel(Q, K, V, DO, DK, DV, DQacc, Bias, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh,
-                    stride_dkt, stride_dvb, stride_dvh, stride_dvt, stride_dqb, stride_dqh, stride_dqt,
-                    H, GROUP, T, scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    CAUSAL: gl.constexpr, num_warps: gl.constexpr):
-        """dK, dV of BLOCK_N keys over every query head of their group, and their share of dQ, added in fp32."""
-        dtype: gl.constexpr = Q.dtype.element_ty
-        start_n = gl.program_id(0) * BLOCK_N
-        bh = gl.program_id(1).to(gl.int64)
-        H_kv = H // GROUP
-        b = bh // H_kv
-        hk = bh % H_kv
-        # keys along the rows of S^T, dP^T, dK, dV (two warp groups of 64 keys each); dQ (BLOCK_M queries)
-        # splits the head dim between the two warp groups
-        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, BLOCK_M, 16])
-        kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, HEAD_DIM, 16])
-        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps // 2, 2],
-                                                            instr_shape=[16, HEAD_DIM // 4, 16])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
-        q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-        kv_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        ds_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
-        k_desc = tma.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, [T, HEAD_DIM], [stride_kt, 1],
-                                            [BLOCK_N, HEAD_DIM], kv_smem_layout)  # rows past T read as zeros
-        v_desc = tma.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, [T, HEAD_DIM], [stride_vt, 1],
-                                            [BLOCK_N, HEAD_DIM], kv_smem_layout)
-        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_smem_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_smem_layout)
-        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_smem_layout)
-        do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_smem_layout)
-        ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_smem_layout)
-        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # K and V, Q+dO slots 0-1
-        for i in gl.static_range(3):
-            mbarrier.init(bars.index(i), count=1)
-        kv_bytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
-        tile_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * dtype.primitive_bitwidth // 8  # a Q and a dO tile
-        mbarrier.expect(bars.index(0), kv_bytes)
-        _tma_load(k_desc, [start_n, 0], bars.index(0), k_smem)
-        _tma_load(v_desc, [start_n, 0], bars.index(0), v_smem)
-
-        # causal: the query tiles from the diagonal on; the first BLOCK_N // BLOCK_M of them cross it
-        first = start_n // BLOCK_M if CAUSAL else 0
-        n = gl.cdiv(T, BLOCK_M) - first
-        keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
-        dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-        dq_cols = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, dq_layout))
-        half_scale = 0.5 * scale
-        zeros_st = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)  # use_acc=False: S^T, dP^T start from zero
-        zeros_dq = gl.zeros([BLOCK_M, HEAD_DIM // 2], gl.float32, dq_layout)
-        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
-        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
-        mbarrier.wait(bars.index(0), 0)
-        c = 0  # query tiles so far, over all heads: tile c sits in slot c % 2, whose barrier's phase is (c // 2) & 1
-        for h in range(hk * GROUP, hk * GROUP + GROUP):  # every query head that shares this k, v
-            q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [T, HEAD_DIM], [stride_qt, 1],
-                                                [BLOCK_M, HEAD_DIM], q_smem_layout)
-            do_desc = tma.make_tensor_descriptor(DO + b * stride_dob + h * stride_doh, [T, HEAD_DIM],
-                                                 [stride_dot, 1], [BLOCK_M, HEAD_DIM], q_smem_layout)
-            dq_base = DQacc + b * stride_dqb + h * stride_dqh
-            half_bias = 0.5 * gl.load(Bias + h)
-            for i in gl.static_range(2):
-                slot = (c + i) % 2
-                mbarrier.expect(bars.index(1 + slot), tile_bytes, pred=i < n)
-                _tma_load(q_desc, [(first + i) * BLOCK_M, 0], bars.index(1 + slot), q_smem.index(slot), pred=i < n)
-                _tma_load(do_desc, [(first + i) * BLOCK_M, 0], bars.index(1 + slot), do_smem.index(slot), pred=i < n)
-            mbarrier.wait(bars.index(1 + c % 2), (c // 2) & 1)
-            st = warpgroup_mma(k_smem, q_smem.index(c % 2).permute((1, 0)), zeros_st, use_acc=False, is_async=True)
-            st = warpgroup_mma_wait(0, deps=(st,))
-            for j in range(0, n):
-                slot = c % 2
-                other = 1 - slot
-                start_m = (first + j) * BLOCK_M
-                # S^T_j is done; dP^T_j runs while P^T_j is computed
-                dpt = warpgroup_mma(v_smem, do_smem.index(slot).permute((1, 0)), zeros_st, use_acc=False,
-                                    is_async=True)
-                if CAUSAL and start_m < start_n + BLOCK_N:  # only the tiles that cross the diagonal are masked
-                    pt = _probs_t(st, keys, start_m, half_scale, half_bias, BLOCK_M, True, st_layout)
-                else:
-                    pt = _probs_t(st, keys, start_m, half_scale, half_bias, BLOCK_M, False, st_layout)
-                pt_op = gl.convert_layout(pt.to(dtype), a_layout)
-                dv = warpgroup_mma(pt_op, do_smem.index(slot), dv, is_async=True)
-                dpt = warpgroup_mma_wait(1, deps=(dpt,))  # dP^T_j done; dV may still run
-                dst = pt * (1.0 - pt) * dpt  # dS = P (1 - P) dP: sigmoid's derivative, elementwise
-                dst_op = gl.convert_layout(dst.to(dtype), a_layout)
-                dk = warpgroup_mma(dst_op, q_smem.index(slot), dk, is_async=True)
-                ds_smem.store(dst.to(dtype))  # dQ = dS K reads dS^T back from shared memory, transposed
-                fence_async_shared()
-                dq0 = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(0, HEAD_DIM // 2, dim=1), zeros_dq,
-                                    use_acc=False, is_async=True)
-                dq1 = warpgroup_mma(ds_smem.permute((1, 0)), k_smem.slice(HEAD_DIM // 2, HEAD_DIM // 2, dim=1), zeros_dq,
-                                    use_acc=False, is_async=True)
-                # the next tile's S^T runs while this tile's dQ goes out; past the head's last tile it
-                # reads a stale slot and is never used
-                mbarrier.wait(bars.index(1 + other), ((c + 1) // 2) & 1, pred=j + 1 < n)
-                st = warpgroup_mma(k_smem, q_smem.index(other).permute((1, 0)), zeros_st, use_acc=False, is_async=True)
-                dv, dk, dq0, pt_op, dst_op = warpgroup_mma_wait(2, deps=(dv, dk, dq0, pt_op, dst_op))
-                # Q_j and dO_j are read for the last time: refill their slot
-                mbarrier.expect(bars.index(1 + slot), tile_bytes, pred=j + 2 < n)
-                _tma_load(q_desc, [start_m + 2 * BLOCK_M, 0], bars.index(1 + slot), q_smem.index(slot), pred=j + 2 < n)
-                _tma_load(do_desc, [start_m + 2 * BLOCK_M, 0], bars.index(1 + slot), do_smem.index(slot),
-                          pred=j + 2 < n)
-                dq_offs = gl.expand_dims(start_m + dq_rows, 1) * stride_dqt + gl.expand_dims(dq_cols, 0)
-                dq_mask = gl.expand_dims(start_m + dq_rows < T, 1)
-                gl.atomic_add(dq_base + dq_offs, dq0 * scale, mask=dq_mask, sem="relaxed")
-                dq1 = warpgroup_mma_wait(1, deps=(dq1,))
-                gl.atomic_add(dq_base + HEAD_DIM // 2 + dq_offs, dq1 * scale, mask=dq_mask, sem="relaxed")
-                st = warpgroup_mma_wait(0, deps=(st,))
-                c += 1
-        for i in gl.static_range(3):
-            mbarrier.invalidate(bars.index(i))
-        rows = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
-        in_seq = gl.expand_dims(rows < T, 1)
-        offs = gl.expand_dims(rows, 1) * stride_dkt + gl.expand_dims(cols, 0)
-        gl.store(DK + b * stride_dkb + hk * stride_dkh + offs, (dk * scale).to(dtype), mask=in_seq)
-        offs = gl.expand_dims(rows, 1) * stride_dvt + gl.expand_dims(cols, 0)
-        gl.store(DV + b * stride_dvb + hk * stride_dvh + offs, dv.to(dtype), mask=in_seq)

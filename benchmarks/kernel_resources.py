@@ -50,7 +50,6 @@ try:  # the Gluon forward: one config, no autotuning (GluonASTSource is Triton's
     from triton.experimental.gluon._runtime import GluonASTSource
     if hopper.gluon is not None:
         KERNELS["hopper"] = hopper._fwd_kernel
-        KERNELS["hopper_bwd"] = hopper._bwd_kernel
 except ImportError:
     pass
 
@@ -123,7 +122,7 @@ def resources(kernel, config, constexprs, args, loop=False):
     of one compiled config (kernel: a @triton.jit or @gluon.jit function), and with loop the opcode
     counts of its inner loop."""
     signature, constants, attrs = launch_signature(kernel, {**constexprs, **config.kwargs}, args)
-    source = GluonASTSource if kernel in (KERNELS.get("hopper"), KERNELS.get("hopper_bwd")) else ASTSource  # kernel: the jit function itself
+    source = GluonASTSource if kernel is KERNELS.get("hopper") else ASTSource  # kernel: the jit function itself
     compiled = triton.compile(source(kernel, signature, constants, attrs), target=H100,
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
@@ -150,8 +149,8 @@ def main():
     p.add_argument("--seq-len", type=int, default=4096, help="T (only whether it divides by 16 matters)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--group", type=int, default=1, help="query heads per key/value head (GQA)")
-    p.add_argument("--kernels", default="fwd,dkdv,dq", help="comma-separated subset of fwd, dkdv, dq, hopper, "
-                   "hopper_bwd (the Gluon forward and backward of flash_sigmoid_hopper.py, where Triton has Gluon)")
+    p.add_argument("--kernels", default="fwd,dkdv,dq", help="comma-separated subset of fwd, dkdv, dq, hopper "
+                   "(the Gluon forward of flash_sigmoid_hopper.py, where Triton has Gluon)")
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--dropout", action="store_true", help="the kernels with attention dropout compiled in")
     p.add_argument("--alibi", action="store_true", help="the kernels with ALiBi compiled in")
@@ -160,24 +159,23 @@ def main():
     for name in args.kernels.split(","):
         if name not in KERNELS:
             sys.exit(f"error: --kernels takes {', '.join(KERNELS)}; got {name!r}")
-        if name.startswith("hopper") and (args.dropout or args.alibi):
-            sys.exit("error: the hopper kernels have no dropout or ALiBi (those launches take the portable kernels): "
+        if name == "hopper" and (args.dropout or args.alibi):
+            sys.exit("error: the hopper forward has no dropout or ALiBi (those launches take the portable kernel): "
                      "drop --dropout and --alibi")
     for D in args.head_dims:
         if D not in fs.SUPPORTED_HEAD_DIMS:
             sys.exit(f"error: --head-dims takes {', '.join(map(str, fs.SUPPORTED_HEAD_DIMS))} (the kernel's); got {D}")
     print(f"triton {triton.__version__}, sm_90, {args.dtype}, T={args.seq_len}, {args.heads} heads, group {args.group}; "
           "config = (BLOCK_M, BLOCK_N, warps, stages)")
-    print(f"{'kernel':10} {'D':>4} causal {'config':18} {'registers':>9} {'spill B':>8} {'shared KiB':>10} wgmma"
+    print(f"{'kernel':6} {'D':>4} causal {'config':18} {'registers':>9} {'spill B':>8} {'shared KiB':>10} wgmma"
           + ("  loop instructions (top opcodes)" if args.loop else ""))
     for D in args.head_dims:
         for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
             for name in args.kernels.split(","):
-                if name in ("hopper", "hopper_bwd"):  # one config each, num_warps a constexpr argument
-                    m, n, w = ((hopper.BLOCK_M, hopper.BLOCK_N, hopper.NUM_WARPS) if name == "hopper" else
-                               (hopper.BWD_BLOCK_M, hopper.BWD_BLOCK_N, hopper.BWD_NUM_WARPS))
-                    kernel, constexprs = KERNELS[name], dict(HEAD_DIM=D, CAUSAL=causal, num_warps=w)
-                    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=1)]
+                if name == "hopper":  # one config, its num_warps a constexpr argument
+                    kernel, constexprs = KERNELS[name], dict(HEAD_DIM=D, CAUSAL=causal, num_warps=hopper.NUM_WARPS)
+                    configs = [triton.Config({"BLOCK_M": hopper.BLOCK_M, "BLOCK_N": hopper.BLOCK_N},
+                                             num_warps=hopper.NUM_WARPS, num_stages=1)]
                 else:
                     kernel, configs = KERNELS[name].fn, KERNELS[name].configs
                     constexprs = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=args.alibi, DROPOUT=args.dropout, FAST=True)
@@ -188,7 +186,7 @@ def main():
                     launch = launch_arguments(args.dtype, D, args.seq_len, args.heads, args.group)
                     regs, spill, shared, serial, ops = resources(kernel, config, constexprs, launch, args.loop)
                     top = f"  {sum(ops.values()):5} ({', '.join(f'{op} {n}' for op, n in ops.most_common(6))})" if args.loop else ""
-                    print(f"{name:10} {D:4} {causal!s:6} {str(shape):18} {regs:9} {spill:8} {shared / 1024:10.1f} "
+                    print(f"{name:6} {D:4} {causal!s:6} {str(shape):18} {regs:9} {spill:8} {shared / 1024:10.1f} "
                           f"{'serial' if serial else 'async':6}{top}",
                           flush=True)
 

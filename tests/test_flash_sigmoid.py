@@ -182,9 +182,9 @@ def test_custom_ops_fake_kernels_match_the_real_ones(layout):
     bias = torch.full((H,), -2.0, device=DEVICE)
     do = torch.randn(B, T, H, D, device=DEVICE).transpose(1, 2)
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.flash_sigmoid.forward.default, (q, k, v, bias, None, None, 0.0, True, 0.25, False),
+    torch.library.opcheck(torch.ops.flash_sigmoid.forward.default, (q, k, v, bias, None, None, 0.0, True, 0.25),
                           test_utils=checks)
-    torch.library.opcheck(torch.ops.flash_sigmoid.backward.default, (do, q, k, v, bias, None, None, 0.0, True, 0.25, False, True),
+    torch.library.opcheck(torch.ops.flash_sigmoid.backward.default, (do, q, k, v, bias, None, None, 0.0, True, 0.25, True),
                           test_utils=checks)
 
 
@@ -311,20 +311,19 @@ HOPPER = (not fs.INTERPRET and torch.cuda.is_available() and torch.cuda.get_devi
           and fs.flash_sigmoid_hopper.gluon is not None)
 
 
-@pytest.mark.skipif(not HOPPER, reason="the Gluon kernels need a Hopper GPU and a Triton with Gluon")
+@pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs a Hopper GPU and a Triton with Gluon")
 @pytest.mark.parametrize("B, H, H_kv, T, causal, dtype, bound", [
     (2, 4, 2, 4097, True, torch.bfloat16, 5e-3),   # GQA, one key past a whole tile
     (1, 2, 2, 4159, False, torch.float16, 1e-3),
-    (1, 3, 1, 4096, False, torch.bfloat16, 5e-3),  # three query heads on one key/value head, whole tiles
 ])
-def test_hopper_kernels_match_float64(monkeypatch, B, H, H_kv, T, causal, dtype, bound):
-    """With FLASH_SIGMOID_HOPPER's switch on, a launch they support takes the Gluon forward and backward
-    (each counted), on q, k, v sliced from one projection as the model makes them."""
-    monkeypatch.setattr(fs, "HOPPER_KERNELS", True)
+def test_hopper_forward_matches_float64(monkeypatch, B, H, H_kv, T, causal, dtype, bound):
+    """With FLASH_SIGMOID_HOPPER's switch on, a launch it supports takes the Gluon forward (counted), on
+    q, k, v sliced from one projection as the model makes them; the gradients come from the portable
+    backward and must match too."""
+    monkeypatch.setattr(fs, "HOPPER_FORWARD", True)
     calls = []
-    forward, backward = fs.flash_sigmoid_hopper.forward, fs.flash_sigmoid_hopper.backward
-    monkeypatch.setattr(fs.flash_sigmoid_hopper, "forward", lambda *a: calls.append("fwd") or forward(*a))
-    monkeypatch.setattr(fs.flash_sigmoid_hopper, "backward", lambda *a: calls.append("bwd") or backward(*a))
+    forward = fs.flash_sigmoid_hopper.forward
+    monkeypatch.setattr(fs.flash_sigmoid_hopper, "forward", lambda *a: calls.append(1) or forward(*a))
     D = 128
     g = torch.Generator().manual_seed(T)
     qkv = torch.randn(B, T, H + 2 * H_kv, D, generator=g).to(dtype).to(DEVICE).requires_grad_()
@@ -333,14 +332,11 @@ def test_hopper_kernels_match_float64(monkeypatch, B, H, H_kv, T, causal, dtype,
     do = torch.randn(B, H, T, D, generator=g).to(dtype).to(DEVICE)
     out = fs.flash_sigmoid(q, k, v, causal, bias.to(DEVICE))
     out.backward(do)
-    assert calls == ["fwd", "bwd"]
+    assert calls == [1]
     qkv64 = qkv.detach().double().cpu().requires_grad_()
     ref = sigmoid_attention_f64(*(t.transpose(1, 2) for t in qkv64.split([H, H_kv, H_kv], dim=2)), causal, bias)
     ref.backward(do.double().cpu())
-    grads = [g.cpu() for g in qkv.grad.split([H, H_kv, H_kv], dim=2)]
-    ref_grads = qkv64.grad.split([H, H_kv, H_kv], dim=2)
-    assert rel_err(out.cpu(), ref) < bound
-    assert all(rel_err(g, r) < bound for g, r in zip(grads, ref_grads)), [rel_err(g, r) for g, r in zip(grads, ref_grads)]
+    assert rel_err(out.cpu(), ref) < bound and rel_err(qkv.grad.cpu(), qkv64.grad) < bound
 
 
 def test_bad_input_is_one_clear_value_error():
