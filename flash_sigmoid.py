@@ -46,9 +46,17 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # than the matmuls saved.
 FUSE_DQ_MIN_HEAD_DIM = 128
 # The Hopper forward (flash_sigmoid_hopper.py, Gluon) for the launches it supports (head dim 128,
-# T >= 4096, no dropout or ALiBi): FLASH_SIGMOID_HOPPER=1 turns it on. Off by default: its speed is
-# measured as a standalone kernel only (results/kernel_speed.md), not yet from this module.
-HOPPER_FORWARD = os.environ.get("FLASH_SIGMOID_HOPPER") == "1"
+# T >= 4096, no dropout or ALiBi). On by default with the Triton it was measured with, 3.6: 1.09-1.15x
+# the portable forward on an H200 (results/kernel_speed.md). Triton 3.9's ptxas serialises its causal
+# matrix multiplies (benchmarks/kernel_resources.py shows it), so other versions keep the portable
+# kernel. FLASH_SIGMOID_HOPPER=1 or 0 forces it on or off.
+HOPPER_TRITON = "3.6."
+_hopper_switch = os.environ.get("FLASH_SIGMOID_HOPPER", "")
+if _hopper_switch not in ("", "0", "1"):
+    raise ValueError(f"FLASH_SIGMOID_HOPPER must be 1 (the Gluon forward on Hopper) or 0 (the portable one), "
+                     f"got {_hopper_switch!r}: unset it for the default")
+HOPPER_FORWARD = (_hopper_switch == "1" if _hopper_switch else
+                  triton is not None and triton.__version__.startswith(HOPPER_TRITON))
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on the CPU, no inline asm there
 # tanh.approx.f32: one special-function op per score; the interpreter uses tl.sigmoid instead
 FAST_SIGMOID = not INTERPRET

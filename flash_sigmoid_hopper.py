@@ -17,8 +17,9 @@ running, and they finish in the order issued. So each tile j:
 
 One warp group (4 warps) per 64 query rows won at head dim 128: 128-row tiles on 8 warps and
 128-wide key tiles measured slower. No dropout and no ALiBi here (those launches stay portable);
-the backward is the portable one (it needs nothing from the forward but its inputs). Off unless
-FLASH_SIGMOID_HOPPER=1 (flash_sigmoid.py); results/kernel_speed.md has what it measured.
+the backward is the portable one (it needs nothing from the forward but its inputs). flash_sigmoid.py
+takes it by default with Triton 3.6 (FLASH_SIGMOID_HOPPER=0 or 1 forces it); results/kernel_speed.md
+has what it measured.
 """
 import torch
 

@@ -12,7 +12,8 @@ triton-sigmoid when it is installed (no dropout), and with --baseline another co
 flash_sigmoid.py (an older commit's, say) as the peer "baseline", so a kernel change is timed
 against its parent in one run; on request the PyTorch reference (eager and torch.compile'd, up to
 --ref-max-t: it holds the (T, T) scores), flash_sigmoid with the exact sigmoid, and flash_sigmoid with
-its Gluon forward switched on (flash_sigmoid_hopper.py; on a Hopper GPU the check covers it too). bf16, B*T = 16k
+its Gluon forward (flash_sigmoid_hopper.py; on a Hopper GPU the check covers it too) forced on or
+off: flash_sigmoid_hopper and flash_sigmoid_portable, timed only where the Gluon forward applies. bf16, B*T = 16k
 tokens, 16 heads, attention dropout 0 and 0.1 (each peer applying its own). FLOPs count
 4*B*H*T*T*D for the forward (half when causal) and 2.5x that for the backward.
 """
@@ -191,7 +192,8 @@ def peers(ref_max_t, baseline=""):
     impls = {
         "flash_sigmoid": (lambda q, k, v, c, p: fs.flash_sigmoid(q, k, v, causal=c, dropout_p=p), None),
         "flash_sigmoid_exact": (exact_sigmoid, None),
-        "flash_sigmoid_hopper": (hopper_forward, None),
+        "flash_sigmoid_hopper": (lambda *args: hopper_switch(True, *args), None),
+        "flash_sigmoid_portable": (lambda *args: hopper_switch(False, *args), None),
         "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION), None),
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION), None),
         "torch_ref": (lambda q, k, v, c, p: fs.sigmoid_attention_reference(q, k, v, causal=c, dropout_p=p), ref_max_t),
@@ -210,11 +212,12 @@ def peers(ref_max_t, baseline=""):
     return impls
 
 
-def hopper_forward(q, k, v, causal, dropout_p):
-    """flash_sigmoid with the Gluon forward switched on; None (an empty cell) where it would not take it."""
+def hopper_switch(on, q, k, v, causal, dropout_p):
+    """flash_sigmoid with its Gluon forward switched on or off, whatever the default; None (an empty cell)
+    where the Gluon forward would not be taken, so the two peers differ only where it is."""
     if dropout_p or not fs.flash_sigmoid_hopper.supports(q, k, v):
         return None
-    before, fs.HOPPER_FORWARD = fs.HOPPER_FORWARD, True
+    before, fs.HOPPER_FORWARD = fs.HOPPER_FORWARD, on
     try:
         return fs.flash_sigmoid(q, k, v, causal=causal, dropout_p=dropout_p)
     finally:
@@ -439,7 +442,8 @@ if __name__ == "__main__":
     p.add_argument("--ref-max-t", type=int, default=1024, help="longest T for the (T, T)-memory reference")
     p.add_argument("--baseline", default="", help="another flash_sigmoid.py to time as the peer 'baseline'")
     p.add_argument("--impls", default=DEFAULT_IMPLS, help="comma-separated implementations (also: "
-                   "flash_sigmoid_exact, flash_sigmoid_hopper, torch_ref, torch_ref_compiled); baseline needs --baseline")
+                   "flash_sigmoid_exact, flash_sigmoid_hopper, flash_sigmoid_portable, torch_ref, torch_ref_compiled); "
+                   "baseline needs --baseline")
     p.add_argument("--out", default="", help="write the markdown table to this file")
     p.add_argument("--sweep", action="store_true", help="time each kernel's candidate block shapes, then stop")
     p.add_argument("--wide-tune", action="store_true", help="autotune among all the --sweep shapes; print the choices")

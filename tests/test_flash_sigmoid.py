@@ -3,6 +3,10 @@
 Small shapes, fp32 and fp16, odd T, causal and not, GQA, ALiBi, fixed and learnable biases.
 """
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -337,6 +341,20 @@ def test_hopper_forward_matches_float64(monkeypatch, B, H, H_kv, T, causal, dtyp
     ref = sigmoid_attention_f64(*(t.transpose(1, 2) for t in qkv64.split([H, H_kv, H_kv], dim=2)), causal, bias)
     ref.backward(do.double().cpu())
     assert rel_err(out.cpu(), ref) < bound and rel_err(qkv.grad.cpu(), qkv64.grad) < bound
+
+
+def test_hopper_switch_defaults_to_the_measured_triton_and_obeys_the_environment():
+    import triton
+    probe = [sys.executable, "-c", "import flash_sigmoid as fs; print(fs.HOPPER_FORWARD)"]
+    root = Path(__file__).resolve().parent.parent
+    env = {key: value for key, value in os.environ.items() if key != "FLASH_SIGMOID_HOPPER"}
+    default = triton.__version__.startswith(fs.HOPPER_TRITON)
+    for setting, expected in ((None, default), ("1", True), ("0", False)):
+        run_env = env if setting is None else {**env, "FLASH_SIGMOID_HOPPER": setting}
+        out = subprocess.run(probe, cwd=root, env=run_env, capture_output=True, text=True, check=True).stdout
+        assert out.strip() == str(expected), (setting, out)
+    out = subprocess.run(probe, cwd=root, env={**env, "FLASH_SIGMOID_HOPPER": "yes"}, capture_output=True, text=True)
+    assert out.returncode != 0 and "FLASH_SIGMOID_HOPPER must be 1 (the Gluon forward on Hopper) or 0" in out.stderr
 
 
 def test_bad_input_is_one_clear_value_error():
