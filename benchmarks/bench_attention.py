@@ -344,6 +344,7 @@ def sweep(args):
     (dK/dV at its first). TFLOP/s as in the table: 2 matmuls forward, 5 backward (the 2.5x convention)."""
     kernels = {name: getattr(fs, attr) for name, attr in KERNELS.items()}
     saved = {name: kernel.configs for name, kernel in kernels.items()}
+    hopper_before, fs.HOPPER_FORWARD = fs.HOPPER_FORWARD, False  # the portable forward's configs, not the Gluon one
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     time_ms(lambda: a @ a)  # clocks up
     print("## sweep: TFLOP/s of one kernel per block config (BLOCK_M, BLOCK_N, warps, stages)")
@@ -378,6 +379,7 @@ def sweep(args):
                 f"{s}:{t:.0f}{'*' if (t, s) == best else ''}" for t, s in results), flush=True)
     for kernel, configs in zip(kernels.values(), saved.values()):
         kernel.configs, kernel.cache = configs, {}
+    fs.HOPPER_FORWARD = hopper_before
 
 
 def table(rows):
