@@ -6,7 +6,9 @@ machine: every kernel is compiled for an H100 (sm_90) without a GPU, and ptxas r
     python benchmarks/kernel_resources.py --head-dims 64 --causal no --loop [--dropout]   # + inner-loop instructions
     python benchmarks/kernel_resources.py --head-dims 128 --kernels fwd,hopper   # beside the Gluon forward (Hopper)
 
-Use it before spending GPU time on a block-shape or kernel change. A thread has at most 255
+Use it before spending GPU time on a block-shape or kernel change. The wgmma column says whether
+ptxas kept each kernel's Hopper matrix multiplies asynchronous ("async") or waits for each one right
+after issuing it ("serial": nothing overlaps them). A thread has at most 255
 registers; "spill" bytes are registers moved to local memory, and shared memory above 227 KiB per
 program does not launch. Each kernel is compiled as a model-shaped launch specialises it (aligned
 pointers, integers divisible by 16 marked, GROUP=1 folded): compiled without that, the counts
@@ -117,6 +119,13 @@ def loop_opcodes(cubin: bytes) -> collections.Counter:
     return collections.Counter(op for address, op, _ in code if start <= address <= end)
 
 
+def wgmma_serialized(ptxas_report: str) -> bool:
+    """Whether ptxas waits for every wgmma right after issuing it, having failed to prove the overlap
+    safe (its notes C7514, C7515 and kin: "wgmma.mma_async instructions are serialized due to ..."):
+    the tensor cores then idle between matrix multiplies."""
+    return "wgmma.mma_async instructions are serialized" in ptxas_report
+
+
 def resources(kernel, config, constexprs, args, loop=False):
     """(registers per thread, spill store bytes, shared memory bytes, whether ptxas serialized its wgmmas)
     of one compiled config (kernel: a @triton.jit or @gluon.jit function), and with loop the opcode
@@ -131,9 +140,7 @@ def resources(kernel, config, constexprs, args, loop=False):
         ptxas = get_ptxas(90).path  # the ptxas Triton itself compiles with
         report = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
                                 capture_output=True, text=True).stderr
-    # ptxas waits for every wgmma right after issuing it when it cannot prove the overlap safe (note C7514
-    # and kin, "wgmma.mma_async instructions are serialized"): the tensor cores then idle between them
-    serial = "wgmma.mma_async instructions are serialized" in report
+    serial = wgmma_serialized(report)
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
     if registers is None:
@@ -187,7 +194,7 @@ def main():
                     regs, spill, shared, serial, ops = resources(kernel, config, constexprs, launch, args.loop)
                     top = f"  {sum(ops.values()):5} ({', '.join(f'{op} {n}' for op, n in ops.most_common(6))})" if args.loop else ""
                     print(f"{name:6} {D:4} {causal!s:6} {str(shape):18} {regs:9} {spill:8} {shared / 1024:10.1f} "
-                          f"{'serial' if serial else 'async':6}{top}",
+                          f"{'serial' if serial else 'async'}{top}",
                           flush=True)
 
 

@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import triton
 
 import flash_sigmoid
 import flash_sigmoid_hopper
-import triton
 
 HERE = Path(__file__).resolve().parent.parent  # the repository root
 
@@ -30,6 +30,19 @@ def test_reports_registers_spills_and_shared_memory_per_config():
     for row in rows:
         registers, spill, shared_kib = int(row[-4]), int(row[-3]), float(row[-2])
         assert 16 <= registers <= 255 and spill >= 0 and 0 < shared_kib <= 227 and row[-1] in ("async", "serial")
+
+
+def test_wgmma_serialized_reads_ptxas_performance_note():
+    note = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+            "non wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline "
+            "stage in the function '_fwd_kernel'\nptxas info    : Used 167 registers")
+    probe = ("import sys; sys.path.insert(0, 'benchmarks'); from kernel_resources import wgmma_serialized; "
+             "print(wgmma_serialized(sys.argv[1]), wgmma_serialized(sys.argv[2]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script refuses the interpreter
+    out = subprocess.run([sys.executable, "-c", probe, note, "ptxas info    : Used 170 registers, used 1 barriers"],
+                         cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False"]
 
 
 def test_refuses_the_interpreter_and_bad_arguments_in_one_line():
