@@ -12,7 +12,7 @@ Backward recomputes P from Q and K:
 One program per key block accumulates dK and dV (over every query head of its group, for
 grouped-query attention) and adds its share of dQ into an fp32 buffer with atomic adds: 5 matmuls
 per tile (S, dP, dV, dK, dQ). Atomic adds land in any order, so dQ's last bits vary from run to run;
-below head dim 128 (where the atomics measured slower) and under torch.use_deterministic_algorithms(True)
+below head dim 128 or T = 16384 (where the atomics measured slower) and under torch.use_deterministic_algorithms(True)
 a second kernel, one program per query block, recomputes P and accumulates dQ in a fixed order
 instead (7 matmuls per tile).
 
@@ -40,11 +40,12 @@ except ImportError:  # the PyTorch reference below still works
     triton = None
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-# dQ fused into the dK/dV kernel (atomic adds) from this head dim up. Measured on an H200, fwd+bwd
-# against the two-kernel backward (results/kernel_speed.md): +4-5% at D=128, T=4096; 0.87-1.06x
-# at D=64, slower at T <= 4096 (GPT-2's T=1024 causal: 0.91x), where the fp32 atomics cost more
-# than the matmuls saved.
+# dQ fused into the dK/dV kernel (atomic adds) from this head dim and this length up. The backward
+# alone on an H200 against the two-kernel one (results/kernel_speed.md): at D=128 1.03-1.05x at
+# T=16384, 0.85-1.00x at T 1024 to 8192 (causal or not, dropout 0 or 0.1); at D=64 0.78-0.98x.
+# Below these the fp32 atomics cost more than the two matmuls they save.
 FUSE_DQ_MIN_HEAD_DIM = 128
+FUSE_DQ_MIN_T = 16384
 # The Hopper forward (flash_sigmoid_hopper.py, Gluon) for the launches it supports (head dim 128,
 # T >= 4096, no dropout or ALiBi). On by default with the Triton it was measured with, 3.6: 1.09-1.15x
 # the portable forward on an H200 (results/kernel_speed.md). Triton 3.9's ptxas serialises its causal
@@ -536,9 +537,9 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     sigmoid' = P (1 - P), so dS = P (1 - P) dP needs only the score's own P and dP: nothing is saved
     from the forward but its inputs, and no pass over O runs first.
 
-    dQ: added atomically by the dK/dV kernel at head dims >= FUSE_DQ_MIN_HEAD_DIM (5 matmuls, last
-    bits not reproducible), else, and always when torch.are_deterministic_algorithms_enabled(), by its
-    own kernel in a fixed order (7 matmuls).
+    dQ: added atomically by the dK/dV kernel at head dims >= FUSE_DQ_MIN_HEAD_DIM and T >= FUSE_DQ_MIN_T
+    (5 matmuls, last bits not reproducible), else, and always when torch.are_deterministic_algorithms_enabled(),
+    by its own kernel in a fixed order (7 matmuls).
     """
     B, H, T, D = q.shape
     H_kv = k.shape[1]
@@ -550,7 +551,7 @@ def _launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     # without bias_grad an unwritten placeholder: no fill kernel to launch (host time counts at short T)
     dbias_partial = (torch.zeros if bias_grad else torch.empty)(
         (triton.cdiv(T, 16), B, H) if bias_grad else (1,), device=q.device, dtype=torch.float32)
-    fuse_dq = D >= FUSE_DQ_MIN_HEAD_DIM and not torch.are_deterministic_algorithms_enabled()
+    fuse_dq = D >= FUSE_DQ_MIN_HEAD_DIM and T >= FUSE_DQ_MIN_T and not torch.are_deterministic_algorithms_enabled()
     dq_acc = (torch.zeros if fuse_dq else torch.empty)(  # without fuse_dq an unwritten placeholder
         (B, H, T, D) if fuse_dq else (1, 1, 1), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)

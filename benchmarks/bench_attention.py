@@ -49,8 +49,8 @@ def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, dropout=0.0, f
     the backward under torch.use_deterministic_algorithms (dQ from its own kernel, not atomics);
     otherwise dQ is fused at every head dim, so both backwards are checked everywhere. hopper: the
     Gluon forward switched on (it takes the launches flash_sigmoid_hopper.supports)."""
-    fs.FAST_SIGMOID, fuse_from, hopper_before = fast, fs.FUSE_DQ_MIN_HEAD_DIM, fs.HOPPER_FORWARD
-    fs.FUSE_DQ_MIN_HEAD_DIM, fs.HOPPER_FORWARD = 0, hopper
+    fs.FAST_SIGMOID, fuse_from, hopper_before = fast, (fs.FUSE_DQ_MIN_HEAD_DIM, fs.FUSE_DQ_MIN_T), fs.HOPPER_FORWARD
+    fs.FUSE_DQ_MIN_HEAD_DIM, fs.FUSE_DQ_MIN_T, fs.HOPPER_FORWARD = 0, 0, hopper
     q = torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (torch.randn(B, H_kv, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     bias = torch.linspace(-math.log(T), -1.0, H, device="cuda").requires_grad_(learnable)
@@ -64,7 +64,7 @@ def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, dropout=0.0, f
         grads = torch.autograd.grad(out, [q, k, v] + ([bias] if learnable else []), do)
     finally:
         torch.use_deterministic_algorithms(False)
-        fs.FAST_SIGMOID, fs.FUSE_DQ_MIN_HEAD_DIM, fs.HOPPER_FORWARD = True, fuse_from, hopper_before
+        fs.FAST_SIGMOID, (fs.FUSE_DQ_MIN_HEAD_DIM, fs.FUSE_DQ_MIN_T), fs.HOPPER_FORWARD = True, fuse_from, hopper_before
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
     keep = dropout_keep_mask(seed, B, H, T, dropout).cuda() if dropout else None
     ref = fs.sigmoid_attention_reference(*ref_in[:3], causal, ref_in[3], None,

@@ -43,6 +43,7 @@ def backward_path(request, monkeypatch):
     """Both backwards, at every head dim: dQ added atomically by the dK/dV kernel, and (under torch's
     deterministic mode) dQ from its own kernel."""
     monkeypatch.setattr(fs, "FUSE_DQ_MIN_HEAD_DIM", 0)
+    monkeypatch.setattr(fs, "FUSE_DQ_MIN_T", 0)
     deterministic = request.param == "deterministic"
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
@@ -52,6 +53,7 @@ def backward_path(request, monkeypatch):
 
 def test_deterministic_mode_chooses_the_dq_kernel(monkeypatch):
     monkeypatch.setattr(fs, "FUSE_DQ_MIN_HEAD_DIM", 0)
+    monkeypatch.setattr(fs, "FUSE_DQ_MIN_T", 0)
     launches = []
     kernel = fs._bwd_dq_kernel
     monkeypatch.setattr(fs, "_bwd_dq_kernel", type("Counted", (), {
@@ -63,15 +65,17 @@ def test_deterministic_mode_chooses_the_dq_kernel(monkeypatch):
     assert rel_err(torch.autograd.grad(fs.flash_sigmoid(q, k, v).sum(), q)[0], fused) < 1e-6 and len(launches) == 1
 
 
-def test_dq_is_fused_only_from_the_measured_head_dim(monkeypatch):
+def test_dq_is_fused_only_from_the_measured_head_dim_and_length(monkeypatch):
+    monkeypatch.setattr(fs, "FUSE_DQ_MIN_T", 24)  # the rule's shape, at a length the interpreter runs quickly
     launches = []
     kernel = fs._bwd_dq_kernel
     monkeypatch.setattr(fs, "_bwd_dq_kernel", type("Counted", (), {
-        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
-    for D in (fs.FUSE_DQ_MIN_HEAD_DIM // 2, fs.FUSE_DQ_MIN_HEAD_DIM):
-        q, k, v = (t.requires_grad_() for t in make_inputs(1, 1, 1, 9, D, torch.float32, 4))
+        "__getitem__": lambda self, grid: launches.append((grid, D, T)) or kernel[grid]})())
+    for D, T in ((fs.FUSE_DQ_MIN_HEAD_DIM // 2, 24), (fs.FUSE_DQ_MIN_HEAD_DIM, 23), (fs.FUSE_DQ_MIN_HEAD_DIM, 24)):
+        q, k, v = (t.requires_grad_() for t in make_inputs(1, 1, 1, T, D, torch.float32, 4))
         torch.autograd.grad(fs.flash_sigmoid(q, k, v).sum(), q)
-    assert len(launches) == 1  # the smaller head dim only
+    # its own dQ kernel for the smaller head dim and the shorter length; fused at both thresholds
+    assert [(D, T) for _, D, T in launches] == [(fs.FUSE_DQ_MIN_HEAD_DIM // 2, 24), (fs.FUSE_DQ_MIN_HEAD_DIM, 23)]
 
 
 CASES = [  # B, H, H_kv, T, D, causal, dtype, alibi, learnable bias
@@ -399,3 +403,4 @@ def test_kernel_equals_float64_on_random_shapes_and_biases(B, H_kv, group, T, D,
     assert rel_err(out.cpu(), ref) < 1e-5
     for got, want in zip(leaves, ref_leaves):
         assert rel_err(got.grad.cpu(), want.grad) < 1e-5
+
