@@ -4,6 +4,8 @@
     python benchmarks/bench_train.py presets/gpt2_124m.toml --block_size=4096 --batch_size=3 --variants=softmax:1,sigmoid:1
     # GPT-2 124M: the plain and the chunked loss, at batch 12 and at the largest batch that fits
     python benchmarks/bench_train.py presets/gpt2_124m.toml --variants=softmax:1,sigmoid:1 --losses=plain,chunked --largest_batch
+    # the baby GPT as train.py runs it: the character vocabulary, each step replayed as CUDA graphs
+    python benchmarks/bench_train.py presets/tinyshakespeare_char.toml --variants=softmax:1,sigmoid:1 --vocab_size=65 --cuda_graphs
 
 Model keys come from the presets and --key=value overrides, as train.py takes them (--dropout=0.1
 measures with dropout). Each kind gets its defaults, so sigmoid also has hybrid norm and LayerScale;
@@ -14,6 +16,10 @@ of batch_size x block_size random tokens in bf16 autocast. --largest_batch adds,
 the largest batch its peak memory leaves room for (90% of the GPU's memory; smaller on running out).
 Prints ms/iter, tokens/s, MFU, peak memory, the host syncs one step makes (0: the CPU runs ahead of
 the GPU), and each row's tokens/s over the first row's.
+--cuda_graphs compiles with mode="reduce-overhead" (train.py's default in one process without gradient
+accumulation; its rows say "graphs"); --vocab_size sets the synthetic tokens' vocabulary (GPT-2's by
+default, so a character preset's head is timed 770x too large unless given 65). With --cuda_graphs the peak
+memory column reads low: the graphs' private memory pool is not counted.
 --profile also prints, per variant, the GPU kernels that took the most time over 5 steps, and the
 GPU's busy time against the step time (a step much longer than its kernels is launch-bound).
 """
@@ -33,17 +39,20 @@ from configurable import TrainConfig, parse_args  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
-def bench_variant(cfg, attn, compile, loss_kind, iters, warmup, profile=False, vocab_size=50257):
+def bench_variant(cfg, attn, compile, loss_kind, iters, warmup, profile=False, vocab_size=50257, cuda_graphs=False):
     torch.manual_seed(0)
     cfg = dataclasses.replace(cfg, attn=attn)
     model = GPT(GPTConfig.from_train_config(cfg, vocab_size)).cuda()
     model.chunked_loss = loss_kind == "chunked"
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cuda")
-    step_model = torch.compile(model) if compile else model
+    # reduce-overhead: the compiled graphs replayed as CUDA graphs, so no kernel launch costs host time
+    step_model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None) if compile else model
     x = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), device="cuda")
     y = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), device="cuda")
 
     def step():
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = step_model(x, y)
         loss.backward()
@@ -63,9 +72,10 @@ def bench_variant(cfg, attn, compile, loss_kind, iters, warmup, profile=False, v
     dt = (time.perf_counter() - start) / iters
     tokens = cfg.batch_size * cfg.block_size
     mfu = model.estimate_mfu(cfg.batch_size, dt)
+    compiled = "graphs" if compile and cuda_graphs else "on" if compile else "off"
     if profile:
-        print_profile(step, dt, f"{attn} compile={compile}")
-    return dict(attn=attn, compile=compile, loss=loss_kind, batch=cfg.batch_size, ms=dt * 1e3, tok_s=tokens / dt,
+        print_profile(step, dt, f"{attn} compile={compiled}")
+    return dict(attn=attn, compile=compiled, loss=loss_kind, batch=cfg.batch_size, ms=dt * 1e3, tok_s=tokens / dt,
                 mfu=mfu, peak=torch.cuda.max_memory_allocated(), resident=resident, syncs=syncs)
 
 
@@ -136,11 +146,18 @@ def main():
     p.add_argument("--largest_batch", action="store_true", help="also run each row at the largest batch that fits")
     p.add_argument("--out", default="", help="append the markdown table to this file")
     p.add_argument("--profile", action="store_true", help="print each variant's costliest GPU kernels")
+    p.add_argument("--cuda_graphs", action="store_true",
+                   help="compile with mode=reduce-overhead: each step replays CUDA graphs (compiled variants only)")
+    p.add_argument("--vocab_size", type=int, default=50257,
+                   help="the synthetic tokens' vocabulary (GPT-2's by default; 65 for the character presets)")
     args, rest = p.parse_known_args()
     cfg = parse_args(rest, TrainConfig, prog="benchmarks/bench_train.py")
     losses = args.losses.split(",")
     if not set(losses) <= {"chunked", "plain"}:
         sys.exit(f"error: --losses takes chunked and/or plain, got {args.losses!r}")
+    if args.largest_batch and args.cuda_graphs:
+        sys.exit("error: --largest_batch sizes batches by peak memory, which --cuda_graphs does not count "
+                 "(the graphs' own pool): drop one of them")
     if not torch.cuda.is_available():
         sys.exit("error: bench_train.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -148,22 +165,25 @@ def main():
     for loss_kind in losses:
         for variant in args.variants.split(","):
             attn, compile = variant.split(":")
-            rows.append(bench_variant(cfg, attn, compile == "1", loss_kind, args.iters, args.warmup, args.profile))
+            rows.append(bench_variant(cfg, attn, compile == "1", loss_kind, args.iters, args.warmup, args.profile,
+                                      args.vocab_size, args.cuda_graphs))
             print_row(rows[-1])
             free_memory()
     for row in list(rows) if args.largest_batch else []:
-        big = largest_batch(cfg, row, row["attn"], row["compile"], row["loss"], args.iters, args.warmup)
+        big = largest_batch(cfg, row, row["attn"], row["compile"] != "off", row["loss"], args.iters, args.warmup,
+                            False, args.vocab_size, args.cuda_graphs)
         if big:
             rows.append(big)
             print_row(big)
         free_memory()
-    model_desc = f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}, dropout {cfg.dropout}"
+    model_desc = (f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}, "
+                  f"dropout {cfg.dropout}, vocabulary {args.vocab_size}")
     lines = [f"### {torch.cuda.get_device_name()}, {datetime.date.today()}, torch {torch.__version__}: {model_desc}", "",
              f"Command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`", "",
              "| attn | compile | loss | batch | ms/iter | tokens/s | MFU | peak GiB | host syncs/step | tokens/s vs first row |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['attn']} | {'on' if r['compile'] else 'off'} | {r['loss']} | {r['batch']} | {r['ms']:.1f} | "
+        lines.append(f"| {r['attn']} | {r['compile']} | {r['loss']} | {r['batch']} | {r['ms']:.1f} | "
                      f"{r['tok_s']:,.0f} | {format_mfu(r['mfu'])} | {r['peak'] / 2**30:.1f} | {r['syncs']} | "
                      f"{r['tok_s'] / rows[0]['tok_s']:.2f}x |")
     text = "\n".join(lines) + "\n"

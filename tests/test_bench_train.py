@@ -11,3 +11,12 @@ def test_an_unknown_loss_kind_is_one_line():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: --losses takes chunked and/or plain, got 'plain,fused'"]
+
+
+def test_largest_batch_with_cuda_graphs_is_one_line():
+    result = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--largest_batch", "--cuda_graphs"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: --largest_batch sizes batches by peak memory, which --cuda_graphs does not count (the graphs' own "
+        "pool): drop one of them"]
