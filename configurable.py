@@ -100,6 +100,9 @@ class TrainConfig:
     dtype: str = opt("auto", "auto = bfloat16 where supported, else float16 on CUDA, float32 on CPU",
                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = opt(True, "torch.compile the model")
+    cuda_graphs: AutoBool = opt(None, "with compile on a CUDA GPU, replay each compiled step as CUDA graphs "
+                                "(mode=reduce-overhead): kernels cost no host time; auto = on in one process without "
+                                "gradient accumulation, off otherwise")
     seed: int = opt(1337, "random seed; each rank adds its rank for dropout (the data stream is the same on every rank)")
     backend: str = opt("nccl", "DDP backend; gloo is forced on CPU", choices=("nccl", "gloo"))
 

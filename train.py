@@ -59,7 +59,7 @@ progress = dict(argv=[], rank=0, ddp=False, iter=0, ckpt="out/ckpt.pt", ckpt_ite
 # in these from the checkpoint it replaces in out_dir
 NOT_THE_RUN = ("out_dir", "overwrite", "init_from", "eval_only", "log_interval", "log_attn_norm",
                "sample_tokens", "wandb_log", "wandb_project", "wandb_run_name", "device", "compile",
-               "backend", "always_save_checkpoint")
+               "cuda_graphs", "backend", "always_save_checkpoint")
 
 
 class TrainError(Exception):
@@ -123,6 +123,26 @@ def pick_device(cfg, local_rank):
         raise ConfigError(f"--dtype=float16 is for CUDA GPUs (it needs a GradScaler): use float32 "
                           f"or bfloat16 on {kind}")
     return device, kind, dtype
+
+
+def use_cuda_graphs(cfg, kind, ddp):
+    """Whether the compiled model replays CUDA graphs (torch.compile's mode="reduce-overhead"): a
+    step's hundreds of kernels then cost one launch of host time. A small model's step is otherwise
+    bound by the host: the baby GPT's took 17.3 ms with sigmoid (its custom ops' launches) and 9.9
+    with softmax, 6.5 and 6.1 as graphs (results/training_speed.md). Auto: on in one process on a
+    GPU with one micro-step per step; off under DDP (not measured there) and with gradient
+    accumulation, refused there when asked for: adding a micro-step's gradients to the last one's
+    reads a graph output that the next replay has overwritten (torch raises)."""
+    if cfg.cuda_graphs and not (cfg.compile and kind == "cuda"):
+        raise ConfigError("--cuda_graphs=true replays compiled CUDA graphs: it needs --compile=true and a "
+                          "CUDA device; drop it or set --cuda_graphs=auto")
+    if cfg.cuda_graphs and cfg.gradient_accumulation_steps > 1:
+        raise ConfigError(f"--cuda_graphs=true cannot accumulate gradients over micro-steps "
+                          f"(--gradient_accumulation_steps={cfg.gradient_accumulation_steps}): a replay overwrites "
+                          f"the last micro-step's; set --cuda_graphs=auto or --gradient_accumulation_steps=1")
+    if cfg.cuda_graphs is None:
+        return cfg.compile and kind == "cuda" and not ddp and cfg.gradient_accumulation_steps == 1
+    return cfg.cuda_graphs
 
 
 def run_folder(cfg):
@@ -602,12 +622,14 @@ def config_of_model(cfg, model, ckpt):
     return dataclasses.replace(cfg, **built)
 
 
-def train_step(model, optimizer, scaler, load, accum, grad_clip, ctx, ddp):
+def train_step(model, optimizer, scaler, load, accum, grad_clip, ctx, ddp, graphs=False):
     """One optimizer step over accum micro-batches, load(k) giving the k-th; returns the step's
-    loss, left as a tensor (no host sync)."""
+    loss, left as a tensor (no host sync). graphs: the model replays CUDA graphs (then accum is 1)."""
     x, y = load(0)
     loss_sum = torch.zeros((), device=x.device)
     for micro in range(accum):
+        if graphs:  # a new replay may overwrite the last one's outputs: nothing here keeps them
+            torch.compiler.cudagraph_mark_step_begin()
         # DDP all-reduces the gradients in backward: only after the last micro-step
         with model.no_sync() if ddp and micro < accum - 1 else nullcontext():
             with ctx:
@@ -635,6 +657,7 @@ def main(argv):
     progress.update(argv=argv, rank=rank, ddp=ddp)
     cfg = load_train_config(argv, master)
     device, kind, dtype = pick_device(cfg, local_rank if ddp else None)
+    graphs = use_cuda_graphs(cfg, kind, ddp)
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the "
                           f"total over all ranks and must be a multiple of the "
@@ -689,7 +712,10 @@ def main(argv):
     if cfg.compile:
         if master:
             print("compiling the model: the first step takes longer (--compile=false skips this)")
-        model = torch.compile(model, dynamic=False)  # static: the larger eval batch must not make training dynamic
+            if graphs:
+                print("each step replays CUDA graphs (--cuda_graphs=false launches its kernels one by one)")
+        # static: the larger eval batch must not make training dynamic
+        model = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if kind == "cuda" else None)
     eval_model = model.module if ddp else model
@@ -740,7 +766,7 @@ def main(argv):
                            (cfg.gradient_accumulation_steps, cfg.batch_size),
                            generator=train_gen)[rank::world]  # (accum, B): this rank's batches
         loss_sum = train_step(model, optimizer, scaler, lambda k: get("train", ix[k]), accum,
-                              cfg.grad_clip, ctx, ddp)
+                              cfg.grad_clip, ctx, ddp, graphs)
         nan_watch.step(loss_sum, iter_num)
         timed += 1
         eta.step_done(iter_num)

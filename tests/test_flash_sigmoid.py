@@ -404,3 +404,20 @@ def test_kernel_equals_float64_on_random_shapes_and_biases(B, H_kv, group, T, D,
     for got, want in zip(leaves, ref_leaves):
         assert rel_err(got.grad.cpu(), want.grad) < 1e-5
 
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA GPU (TRITON_INTERPRET unset)")
+def test_cuda_graph_replays_draw_a_new_dropout_mask_each_step():
+    """train.py compiles with mode="reduce-overhead" on a GPU: the seed the mask comes from is drawn
+    inside the captured graph, so each replay must draw a new one, not repeat the captured step's."""
+    q, k, v = (t.requires_grad_() for t in make_inputs(2, 2, 2, 64, 32, torch.bfloat16, 5))
+    compiled = torch.compile(lambda q, k, v: fs.flash_sigmoid(q, k, v, dropout_p=0.5), mode="reduce-overhead")
+    outs = []
+    for _ in range(5):  # a warm-up run, the capture, then replays
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(q, k, v)
+        out.sum().backward()
+        outs.append(out.detach().clone())
+        q.grad = k.grad = v.grad = None  # as train.py's zero_grad: a replay overwrites the last backward's outputs
+    kept = [(o != 0).float().mean().item() for o in outs]
+    assert all(0.2 < f for f in kept)  # dropout on, and not everything dropped
+    assert all(not torch.equal(a, b) for i, a in enumerate(outs) for b in outs[i + 1:])

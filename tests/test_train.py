@@ -452,6 +452,27 @@ def test_out_of_range_value_exit_2(data_dir, tmp_path, arg, message):
     assert message in error_line(train(data_dir, tmp_path / "out", arg, "--max_iters=0"), code=2)
 
 
+def test_cuda_graphs_follow_the_run_and_refuse_what_they_cannot_replay(data_dir, tmp_path):
+    """auto: CUDA graphs for one compiled process on a GPU without gradient accumulation, else off;
+    true where they cannot run is one line, before anything is written."""
+    from types import SimpleNamespace
+
+    import train as train_module
+    cfg = lambda **kw: SimpleNamespace(**{"compile": True, "cuda_graphs": None, "gradient_accumulation_steps": 1, **kw})
+    assert train_module.use_cuda_graphs(cfg(), "cuda", ddp=False)
+    assert not train_module.use_cuda_graphs(cfg(), "cuda", ddp=True)
+    assert not train_module.use_cuda_graphs(cfg(gradient_accumulation_steps=2), "cuda", ddp=False)
+    assert not train_module.use_cuda_graphs(cfg(compile=False), "cuda", ddp=False)
+    assert not train_module.use_cuda_graphs(cfg(), "cpu", ddp=False)
+    assert not train_module.use_cuda_graphs(cfg(cuda_graphs=False), "cuda", ddp=False)
+    assert train_module.use_cuda_graphs(cfg(cuda_graphs=True), "cuda", ddp=True)  # asked for: not measured, not refused
+    with pytest.raises(train_module.ConfigError, match="--gradient_accumulation_steps=1"):
+        train_module.use_cuda_graphs(cfg(cuda_graphs=True, gradient_accumulation_steps=4), "cuda", ddp=False)
+    line = error_line(train(data_dir, tmp_path / "out", "--cuda_graphs=true"), code=2)
+    assert line.startswith("error: --cuda_graphs=true replays compiled CUDA graphs: it needs --compile=true and a CUDA "
+                           "device") and not (tmp_path / "out").exists()
+
+
 def test_help_lists_keys():
     result = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--attn=<str>" in result.stdout and "--init_from=<str>" in result.stdout
