@@ -13,7 +13,8 @@ flash_sigmoid.py (an older commit's, say) as the peer "baseline", so a kernel ch
 against its parent in one run; on request the PyTorch reference (eager and torch.compile'd, up to
 --ref-max-t: it holds the (T, T) scores), flash_sigmoid with the exact sigmoid, and flash_sigmoid with
 its Gluon forward (flash_sigmoid_hopper.py; on a Hopper GPU the check covers it too) forced on or
-off: flash_sigmoid_hopper and flash_sigmoid_portable, timed only where the Gluon forward applies. bf16, B*T = 16k
+off: flash_sigmoid_hopper and flash_sigmoid_portable, timed only where the Gluon forward applies, and with dQ
+fused into the dK/dV kernel or from its own at every shape: flash_sigmoid_fused_dq and flash_sigmoid_own_dq. bf16, B*T = 16k
 tokens, 16 heads, attention dropout 0 and 0.1 (each peer applying its own). FLOPs count
 4*B*H*T*T*D for the forward (half when causal) and 2.5x that for the backward.
 """
@@ -194,6 +195,8 @@ def peers(ref_max_t, baseline=""):
         "flash_sigmoid_exact": (exact_sigmoid, None),
         "flash_sigmoid_hopper": (lambda *args: hopper_switch(True, *args), None),
         "flash_sigmoid_portable": (lambda *args: hopper_switch(False, *args), None),
+        "flash_sigmoid_fused_dq": (lambda q, k, v, c, p: DQSwitch.apply(q, k, v, c, p, True), None),
+        "flash_sigmoid_own_dq": (lambda q, k, v, c, p: DQSwitch.apply(q, k, v, c, p, False), None),
         "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION), None),
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION), None),
         "torch_ref": (lambda q, k, v, c, p: fs.sigmoid_attention_reference(q, k, v, causal=c, dropout_p=p), ref_max_t),
@@ -222,6 +225,33 @@ def hopper_switch(on, q, k, v, causal, dropout_p):
         return fs.flash_sigmoid(q, k, v, causal=causal, dropout_p=dropout_p)
     finally:
         fs.HOPPER_FORWARD = before
+
+
+class DQSwitch(torch.autograd.Function):
+    """flash_sigmoid's launchers (bias -log T) with dQ added by the dK/dV kernel's atomics (fused) or
+    from its own kernel at every shape, whatever FUSE_DQ_MIN_HEAD_DIM and FUSE_DQ_MIN_T choose: the
+    switch has to hold in the backward, which runs after flash_sigmoid has returned."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, dropout_p, fused):
+        bias = torch.full((q.shape[1],), -math.log(q.shape[2]), device=q.device)
+        seed = torch.randint(2**31, (1,), device=q.device) if dropout_p else None
+        ctx.save_for_backward(q, k, v, bias, seed)
+        ctx.args = dropout_p, causal, q.shape[-1] ** -0.5, fused
+        return fs._launch_forward(q, k, v, bias, None, seed, dropout_p, causal, ctx.args[2])
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, bias, seed = ctx.saved_tensors
+        dropout_p, causal, scale, fused = ctx.args
+        before = fs.FUSE_DQ_MIN_HEAD_DIM, fs.FUSE_DQ_MIN_T
+        fs.FUSE_DQ_MIN_HEAD_DIM, fs.FUSE_DQ_MIN_T = (0, 0) if fused else (1 << 30, 1 << 30)
+        try:
+            dq, dk, dv, _ = fs._launch_backward(do.contiguous(), q, k, v, bias, None, seed, dropout_p, causal, scale,
+                                                False)
+        finally:
+            fs.FUSE_DQ_MIN_HEAD_DIM, fs.FUSE_DQ_MIN_T = before
+        return dq, dk, dv, None, None, None
 
 
 def exact_sigmoid(q, k, v, causal, dropout_p):
@@ -444,7 +474,8 @@ if __name__ == "__main__":
     p.add_argument("--ref-max-t", type=int, default=1024, help="longest T for the (T, T)-memory reference")
     p.add_argument("--baseline", default="", help="another flash_sigmoid.py to time as the peer 'baseline'")
     p.add_argument("--impls", default=DEFAULT_IMPLS, help="comma-separated implementations (also: "
-                   "flash_sigmoid_exact, flash_sigmoid_hopper, flash_sigmoid_portable, torch_ref, torch_ref_compiled); "
+                   "flash_sigmoid_exact, flash_sigmoid_hopper, flash_sigmoid_portable, flash_sigmoid_fused_dq, "
+                   "flash_sigmoid_own_dq, torch_ref, torch_ref_compiled); "
                    "baseline needs --baseline")
     p.add_argument("--out", default="", help="write the markdown table to this file")
     p.add_argument("--sweep", action="store_true", help="time each kernel's candidate block shapes, then stop")
