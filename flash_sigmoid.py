@@ -10,11 +10,11 @@ each score becomes P = sigmoid(x) independently, through one hardware tanh
 Backward recomputes P from Q and K:
     dV = P^T dO     dP = dO V^T     dS = P * (1 - P) * dP     dQ = scale dS K     dK = scale dS^T Q
 One program per key block accumulates dK and dV (over every query head of its group, for
-grouped-query attention) and adds its share of dQ into an fp32 buffer with atomic adds: 5 matmuls
-per tile (S, dP, dV, dK, dQ). Atomic adds land in any order, so dQ's last bits vary from run to run;
-below head dim 128 or T = 16384 (where the atomics measured slower) and under torch.use_deterministic_algorithms(True)
-a second kernel, one program per query block, recomputes P and accumulates dQ in a fixed order
-instead (7 matmuls per tile).
+grouped-query attention); a second kernel, one program per query block, recomputes P and
+accumulates dQ in a fixed order (7 matmuls per tile). At head dim >= 128 and T >= 16384
+(FUSE_DQ_MIN_*, where it measured faster) the first kernel instead adds its share of dQ into an
+fp32 buffer with atomic adds: 5 matmuls per tile (S, dP, dV, dK, dQ), but atomic adds land in any
+order, so dQ's last bits vary from run to run (never under torch.use_deterministic_algorithms(True)).
 
 Attention dropout (training, as SDPA's dropout_p): P_drop = P * keep / (1 - p) with keep drawn by
 an integer hash of (seed, batch*head, query, key), so the backward regenerates the forward's mask; then

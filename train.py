@@ -125,23 +125,24 @@ def pick_device(cfg, local_rank):
     return device, kind, dtype
 
 
-def use_cuda_graphs(cfg, kind, ddp):
+def use_cuda_graphs(cfg, kind, ddp, accum):
     """Whether the compiled model replays CUDA graphs (torch.compile's mode="reduce-overhead"): a
     step's hundreds of kernels then cost one launch of host time. A small model's step is otherwise
     bound by the host: the baby GPT's took 17.3 ms with sigmoid (its custom ops' launches) and 9.9
     with softmax, 6.5 and 6.1 as graphs (results/training_speed.md). Auto: on in one process on a
-    GPU with one micro-step per step; off under DDP (not measured there) and with gradient
-    accumulation, refused there when asked for: adding a micro-step's gradients to the last one's
-    reads a graph output that the next replay has overwritten (torch raises)."""
+    GPU with one micro-step per step (accum: this rank's); off under DDP (not measured there) and
+    with gradient accumulation, refused there when asked for: adding a micro-step's gradients to the
+    last one's reads a graph output that the next replay has overwritten (torch raises)."""
     if cfg.cuda_graphs and not (cfg.compile and kind == "cuda"):
         raise ConfigError("--cuda_graphs=true replays compiled CUDA graphs: it needs --compile=true and a "
                           "CUDA device; drop it or set --cuda_graphs=auto")
-    if cfg.cuda_graphs and cfg.gradient_accumulation_steps > 1:
-        raise ConfigError(f"--cuda_graphs=true cannot accumulate gradients over micro-steps "
+    if cfg.cuda_graphs and accum > 1:
+        raise ConfigError(f"--cuda_graphs=true cannot accumulate gradients over {accum} micro-steps a rank "
                           f"(--gradient_accumulation_steps={cfg.gradient_accumulation_steps}): a replay overwrites "
-                          f"the last micro-step's; set --cuda_graphs=auto or --gradient_accumulation_steps=1")
+                          f"the last micro-step's; set --cuda_graphs=auto, or one micro-step a rank with a larger "
+                          f"--batch_size for the same tokens a step")
     if cfg.cuda_graphs is None:
-        return cfg.compile and kind == "cuda" and not ddp and cfg.gradient_accumulation_steps == 1
+        return cfg.compile and kind == "cuda" and not ddp and accum == 1
     return cfg.cuda_graphs
 
 
@@ -329,6 +330,8 @@ def estimate_loss(model, splits, dtype, cfg, ctx, device, rank, world, per_pass=
             n = len(mine[k:k + rows])
             x, y = get_batch(path, dtype, mine[torch.arange(k, k + rows) % len(mine)], cfg.block_size, device)
             y[n:] = -1  # the padding rows, copies of earlier windows
+            if cfg.cuda_graphs:  # the last pass's loss is added up: this pass may replay over it
+                torch.compiler.cudagraph_mark_step_begin()
             with ctx:
                 _, loss = model(x, y)
             total[0] += loss.float() * n
@@ -430,6 +433,8 @@ def copy_probe_loss(model, split, dtype, cfg, ctx, device, n_seqs=64, seed=0):
     total, count = 0.0, 0
     for k in range(0, len(x), rows):
         yk = y[k:k + rows]
+        if cfg.cuda_graphs:  # the last pass's loss is read: this pass may replay over it
+            torch.compiler.cudagraph_mark_step_begin()
         with ctx:
             _, loss = model(x[k:k + rows], yk)
         n = (yk != -1).sum().item()
@@ -657,12 +662,13 @@ def main(argv):
     progress.update(argv=argv, rank=rank, ddp=ddp)
     cfg = load_train_config(argv, master)
     device, kind, dtype = pick_device(cfg, local_rank if ddp else None)
-    graphs = use_cuda_graphs(cfg, kind, ddp)
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the "
                           f"total over all ranks and must be a multiple of the "
                           f"{plural(world, 'rank')}")
     accum = cfg.gradient_accumulation_steps // world  # micro-steps per rank
+    graphs = use_cuda_graphs(cfg, kind, ddp, accum)
+    cfg = dataclasses.replace(cfg, cuda_graphs=graphs)  # what ran, in the checkpoint and the log
     wandb = import_wandb(cfg, master)
     if ddp:
         if kind == "cuda":

@@ -77,8 +77,8 @@ def check_case(B, H, H_kv, T, D, causal, dtype, alibi, learnable, dropout=0.0, f
 
 def check(bound=1e-2, args_exact=True):
     print("## correctness: ||out - ref|| / ||ref|| against the float64 reference, fresh random inputs")
-    print("backward: 'atomic' = dQ fused into the dK/dV kernel (the default), 'determ' = under "
-          "torch.use_deterministic_algorithms(True)")
+    print("backward: 'atomic' = dQ fused into the dK/dV kernel (forced here at every shape; the default at "
+          "D >= 128, T >= 16384), 'determ' = under torch.use_deterministic_algorithms(True)")
     print(f"{'B':>2} {'H':>3} {'Hkv':>3} {'T':>5} {'D':>4} causal dtype    alibi learn drop sigmoid  backward "
           "out      dq       dk       dv       dbias")
     bf16, fp16 = torch.bfloat16, torch.float16

@@ -459,15 +459,17 @@ def test_cuda_graphs_follow_the_run_and_refuse_what_they_cannot_replay(data_dir,
 
     import train as train_module
     cfg = lambda **kw: SimpleNamespace(**{"compile": True, "cuda_graphs": None, "gradient_accumulation_steps": 1, **kw})
-    assert train_module.use_cuda_graphs(cfg(), "cuda", ddp=False)
-    assert not train_module.use_cuda_graphs(cfg(), "cuda", ddp=True)
-    assert not train_module.use_cuda_graphs(cfg(gradient_accumulation_steps=2), "cuda", ddp=False)
-    assert not train_module.use_cuda_graphs(cfg(compile=False), "cuda", ddp=False)
-    assert not train_module.use_cuda_graphs(cfg(), "cpu", ddp=False)
-    assert not train_module.use_cuda_graphs(cfg(cuda_graphs=False), "cuda", ddp=False)
-    assert train_module.use_cuda_graphs(cfg(cuda_graphs=True), "cuda", ddp=True)  # asked for: not measured, not refused
-    with pytest.raises(train_module.ConfigError, match="--gradient_accumulation_steps=1"):
-        train_module.use_cuda_graphs(cfg(cuda_graphs=True, gradient_accumulation_steps=4), "cuda", ddp=False)
+    use = train_module.use_cuda_graphs
+    assert use(cfg(), "cuda", ddp=False, accum=1)
+    assert not use(cfg(gradient_accumulation_steps=2), "cuda", ddp=True, accum=1)
+    assert not use(cfg(gradient_accumulation_steps=2), "cuda", ddp=False, accum=2)
+    assert not use(cfg(compile=False), "cuda", ddp=False, accum=1)
+    assert not use(cfg(), "cpu", ddp=False, accum=1)
+    assert not use(cfg(cuda_graphs=False), "cuda", ddp=False, accum=1)
+    # asked for under DDP with one micro-step a rank (2 in all on 2 ranks): not measured, not refused
+    assert use(cfg(cuda_graphs=True, gradient_accumulation_steps=2), "cuda", ddp=True, accum=1)
+    with pytest.raises(train_module.ConfigError, match=r"over 4 micro-steps a rank \(--gradient_accumulation_steps=8\)"):
+        use(cfg(cuda_graphs=True, gradient_accumulation_steps=8), "cuda", ddp=True, accum=4)
     line = error_line(train(data_dir, tmp_path / "out", "--cuda_graphs=true"), code=2)
     assert line.startswith("error: --cuda_graphs=true replays compiled CUDA graphs: it needs --compile=true and a CUDA "
                            "device") and not (tmp_path / "out").exists()
@@ -556,7 +558,7 @@ def test_evaluation_scores_fixed_windows_and_equals_their_mean_loss(tmp_path, n_
     tokens = np.random.default_rng(0).integers(0, 65, n_tokens).astype(np.uint16)
     tokens.tofile(tmp_path / "val.bin")
     splits = {"val": (str(tmp_path / "val.bin"), n_tokens)}
-    cfg = SimpleNamespace(block_size=16, batch_size=4, eval_iters=eval_iters)
+    cfg = SimpleNamespace(block_size=16, batch_size=4, eval_iters=eval_iters, cuda_graphs=False)
     offsets = eval_offsets(n_tokens, cfg)
     assert len(offsets) == windows and len(set(offsets.tolist())) == windows
     assert (offsets % 16 == 0).all() and offsets.max() + 17 <= n_tokens  # whole windows, inside the split
@@ -588,7 +590,7 @@ def test_ranks_split_the_evaluation_windows_and_their_sums_make_the_whole(tmp_pa
     tokens = np.random.default_rng(1).integers(0, 65, 1000).astype(np.uint16)
     tokens.tofile(tmp_path / "val.bin")
     splits = {"val": (str(tmp_path / "val.bin"), len(tokens))}  # 62 windows of 16
-    cfg = SimpleNamespace(block_size=16, batch_size=4, eval_iters=200)
+    cfg = SimpleNamespace(block_size=16, batch_size=4, eval_iters=200, cuda_graphs=False)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16))
     whole = train.estimate_loss(model, splits, "uint16", cfg, nullcontext(), "cpu", 0, 1)["val"]

@@ -16,7 +16,9 @@ unless --force (start every run afresh). Small runs leave a GPU mostly idle (a b
 bound by small kernels and the CPU), so --per_gpu runs share each GPU; on the CPU one runs at a time.
 On an H200 with 16 CPU cores, baby GPTs trained 4.0x as many steps a second 4 at a time as alone,
 5.2x 8 at a time and 3.0x 16 at a time, the CPU cores then the limit (results/training_speed.md):
-hence 8 per GPU by default, fewer where all runs at once would outnumber half the cores. The end
+hence 8 per GPU by default, fewer where all runs at once would outnumber half the cores (measured
+with kernels launched one by one, before train.py replayed its steps as CUDA graphs; not re-measured
+since). The end
 says how many runs finished per hour: run the same ablation with --force and another --per_gpu to
 find the best packing for another machine.
 """
@@ -222,7 +224,7 @@ def pick_slots(spec, per_gpu=None, cores=None):
     (one run at a time on the CPU, whose cores a run's threads already use). per_gpu None: 8, or
     fewer where the runs would then outnumber half the CPU cores. A baby GPT's step is bound by its
     host: on an H200 with 16 cores, 8 runs at once trained the most steps a second and 16 fewer
-    than 4 (results/training_speed.md)."""
+    than 4 (results/training_speed.md; measured before train.py replayed CUDA graphs)."""
     if spec != "auto":
         ids = spec.split(",")
     elif (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:  # the ids as they are, not renumbered
