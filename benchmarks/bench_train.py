@@ -155,6 +155,8 @@ def main():
     losses = args.losses.split(",")
     if not set(losses) <= {"chunked", "plain"}:
         sys.exit(f"error: --losses takes chunked and/or plain, got {args.losses!r}")
+    if args.vocab_size < 1:
+        sys.exit(f"error: --vocab_size must be at least 1 (65 for the character presets), got {args.vocab_size}")
     if args.largest_batch and args.cuda_graphs:
         sys.exit("error: --largest_batch sizes batches by peak memory, which --cuda_graphs does not count "
                  "(the graphs' own pool): drop one of them")

@@ -20,3 +20,11 @@ def test_largest_batch_with_cuda_graphs_is_one_line():
     assert result.stderr.strip().splitlines() == [
         "error: --largest_batch sizes batches by peak memory, which --cuda_graphs does not count (the graphs' own "
         "pool): drop one of them"]
+
+
+def test_a_vocabulary_below_one_is_one_line():
+    result = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--vocab_size=0"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: --vocab_size must be at least 1 (65 for the character presets), got 0"]
