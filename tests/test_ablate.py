@@ -108,6 +108,7 @@ def test_misspelt_key_is_refused_up_front_naming_the_run(tmp_path):
     (["--only=softmx"], "did you mean 'softmax'?"),
     (["--seeds=1,x"], "--seeds expects comma-separated integers"),
     (["--", "--learnig_rate=1"], "did you mean 'learning_rate'?"),
+    (["--mps=yes"], "--mps: invalid choice: 'yes'"),
     (["--max_iters=3"], "unrecognized arguments: --max_iters=3; give train.py overrides after -- (see python tools/"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
@@ -186,3 +187,85 @@ def test_runs_share_each_gpu_per_gpu_times_and_the_cpu_one_at_a_time(monkeypatch
 def test_per_gpu_below_one_is_one_line(tmp_path):
     result = ablate(write_ablation(tmp_path), "--per_gpu=0")
     assert result.returncode == 2 and result.stderr.strip() == "error: --per_gpu must be at least 1, got 0"
+
+
+# ----------------------------------------------------------------------------- CUDA MPS (a fake daemon)
+
+@pytest.fixture
+def mps(tmp_path, monkeypatch):
+    """ablate.py with a fake nvidia-cuda-mps-control on PATH, a probe that needs no GPU, and the log of
+    what both were asked: (the module, the log, a function that makes `-d` fail with a message)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import ablate
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    fake = bin_dir / ablate.MPS_CONTROL
+    fake.write_text(f"""#!/bin/sh
+if [ "$1" = "-d" ]; then
+  echo "start $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY" >> {calls}
+  if [ -f {tmp_path}/fail ]; then cat {tmp_path}/fail >&2; exit 1; fi
+else
+  echo "$(cat) $CUDA_MPS_PIPE_DIRECTORY" >> {calls}
+fi
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    probe = f"import os; open({str(calls)!r}, 'a').write('probe ' + os.environ['CUDA_MPS_PIPE_DIRECTORY'] + '\\n')"
+    monkeypatch.setattr(ablate, "MPS_PROBE", [sys.executable, "-c", probe])
+    return ablate, calls, lambda message: (tmp_path / "fail").write_text(message)
+
+
+def test_runs_sharing_a_gpu_get_an_mps_daemon_of_their_own_quit_at_the_end(mps, tmp_path, capsys):
+    ablate, calls, _ = mps
+    with ablate.shared_gpus("auto", ["0", "0", "1", "1"]) as env:
+        folder = env["CUDA_MPS_PIPE_DIRECTORY"]
+        assert Path(folder).is_dir() and env["CUDA_MPS_LOG_DIRECTORY"] == folder
+        assert calls.read_text().splitlines() == [f"start {folder} {folder}", f"probe {folder}"]
+        # every run's train.py sees it, beside its GPU
+        job = ablate.Job.__new__(ablate.Job)
+        job.out_dir, job.resuming, job.shown = tmp_path / "run", True, "shown"
+        job.argv = [sys.executable, "-c", "import os; print(os.environ['CUDA_MPS_PIPE_DIRECTORY'], "
+                    "os.environ['CUDA_VISIBLE_DEVICES'])"]
+        assert job.train("1", echo=False, threads=None, mps_env=env) == 0
+        assert (tmp_path / "run" / "train.out").read_text().splitlines()[-1] == f"{folder} 1"
+    assert calls.read_text().splitlines()[-1] == f"quit {folder}" and not Path(folder).exists()
+    assert "CUDA MPS: the kernels of runs on one GPU run side by side" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("slots", [["0"], ["0", "1"], [None]])
+def test_no_daemon_where_no_two_runs_share_a_gpu(mps, slots, capsys):
+    ablate, calls, _ = mps
+    with ablate.shared_gpus("auto", slots) as env:
+        assert env == {}
+    assert not calls.exists() and capsys.readouterr().out == ""
+    with pytest.raises(SystemExit) as e, ablate.shared_gpus("true", slots):
+        pass
+    assert e.value.code == 2 and "--mps=true" in capsys.readouterr().err
+
+
+def test_a_daemon_that_cannot_start_or_serve_leaves_runs_taking_turns(mps, capsys, monkeypatch):
+    ablate, calls, make_fail = mps
+    make_fail("An instance of this daemon is already running\n")
+    with ablate.shared_gpus("auto", ["0", "0"]) as env:
+        assert env == {}
+    out = capsys.readouterr().out
+    assert out == ("note: runs on one GPU take turns: CUDA MPS did not start: An instance of this daemon is already "
+                   "running (--mps=false skips trying)\n")
+    with pytest.raises(SystemExit) as e, ablate.shared_gpus("true", ["0", "0"]):
+        pass
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        "error: --mps=true: CUDA MPS did not start: An instance of this daemon is already running; run with --mps=false"]
+    # started, but a CUDA process fails through it: the daemon is quit again
+    (calls.parent / "fail").unlink()
+    calls.unlink()
+    monkeypatch.setattr(ablate, "MPS_PROBE", [sys.executable, "-c", "raise SystemExit('RuntimeError: no CUDA GPUs')"])
+    with ablate.shared_gpus("auto", ["0", "0"]) as env:
+        assert env == {}
+    started, quit_ = calls.read_text().splitlines()
+    assert started.startswith("start ") and quit_ == f"quit {started.split()[1]}"
+    assert "a CUDA process could not run through it: RuntimeError: no CUDA GPUs" in capsys.readouterr().out
+    # not installed
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with ablate.shared_gpus("auto", ["0", "0"]) as env:
+        assert env == {}
+    assert f"is not installed ({ablate.MPS_CONTROL} is not on PATH)" in capsys.readouterr().out

@@ -12,17 +12,18 @@ An ablation file is TOML: base = ["presets/x.toml"], out_root = "out-x", optiona
 overrides = {key = value} for every run, then one [table] of train.py keys per run. Each (run, seed)
 trains in <out_root>/<run>/seed<seed>/ (log.jsonl, ckpt.pt, train.out); one whose log.jsonl already
 ends with the eval at max_iters is skipped, and an unfinished one with a ckpt.pt resumes from it,
-unless --force (start every run afresh). Small runs leave a GPU mostly idle (a baby GPT's step is
-bound by small kernels and the CPU), so --per_gpu runs share each GPU; on the CPU one runs at a time.
-On an H200 with 16 CPU cores, baby GPTs trained 4.0x as many steps a second 4 at a time as alone,
-5.2x 8 at a time and 3.0x 16 at a time, the CPU cores then the limit (results/training_speed.md):
-hence 8 per GPU by default, fewer where all runs at once would outnumber half the cores (measured
-with kernels launched one by one, before train.py replayed its steps as CUDA graphs; not re-measured
-since). The end
+unless --force (start every run afresh). Small runs do not fill a GPU, so --per_gpu runs share each
+GPU, through a CUDA MPS daemon of ablate.py's own where MPS is installed (--mps): without it the
+processes on one GPU take turns, with it their kernels run side by side. On an H200 with 16 CPU
+cores, 8 baby GPTs of 1000 steps each finished in 1.6 min taking turns, in 1.2 min through MPS; through
+MPS, 16 such runs in 2.2 min 8 at a time and in 2.0 min 16 at a time, training steps as fast but
+compiling side by side (results/training_speed.md). Hence 8 per GPU by default, fewer where all runs
+at once would outnumber half the CPU cores; on the CPU one runs at a time. The end
 says how many runs finished per hour: run the same ablation with --force and another --per_gpu to
 find the best packing for another machine.
 """
 import argparse
+import contextlib
 import difflib
 import json
 import math
@@ -30,10 +31,12 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -152,14 +155,14 @@ class Job:
     def best_val_loss(self):
         return min((r["val_loss"] for r in self.log() if r.get("val_loss") is not None), default=math.nan)
 
-    def train(self, gpu, echo, threads):
+    def train(self, gpu, echo, threads, mps_env):
         """train.py in a subprocess, its output to out_dir/train.out (and to the terminal if echo), with
-        `threads` CPU threads for torch and for compiling. Returns its exit status."""
+        `threads` CPU threads for torch and for compiling, and mps_env (see shared_gpus). Returns its exit status."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if not self.resuming:  # a fresh start (or --force): should it stop, a rerun must not resume the old checkpoint
             for name in ("ckpt.pt", "log.jsonl"):
                 (self.out_dir / name).unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **({} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **mps_env, **({} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}))
         if threads:  # runs side by side share the cores instead of each starting one thread per core
             env.update(OMP_NUM_THREADS=str(threads), TORCHINDUCTOR_COMPILE_THREADS=str(threads))
         with open(self.out_dir / "train.out", "w", buffering=1) as out:  # line-buffered: tail -f shows progress
@@ -172,9 +175,10 @@ class Job:
             return proc.wait()
 
 
-def run_all(jobs, slots):
-    """Jobs, len(slots) at a time, each slot a GPU id or None (wherever train.py puts it). Returns (the
-    failed ones, whether Ctrl-C stopped it); a failure leaves the others to carry on."""
+def run_all(jobs, slots, mps_env=None):
+    """Jobs, len(slots) at a time, each slot a GPU id or None (wherever train.py puts it), each with the
+    environment mps_env adds. Returns (the failed ones, whether Ctrl-C stopped it); a failure leaves the
+    others to carry on."""
     todo, failed, lock, stop = queue.Queue(), [], threading.Lock(), threading.Event()
     for i, job in enumerate(jobs):
         todo.put((i, job))
@@ -190,7 +194,7 @@ def run_all(jobs, slots):
             with lock:
                 print(f"[{i + 1}/{len(jobs)}] start{'' if gpu is None else f' (GPU {gpu})'} {job.shown}", flush=True)
             began = time.monotonic()
-            code = job.train(gpu, echo=len(slots) == 1, threads=threads)
+            code = job.train(gpu, echo=len(slots) == 1, threads=threads, mps_env=mps_env or {})
             took = f"{(time.monotonic() - began) / 60:.1f} min"
             with lock:
                 if code:
@@ -222,9 +226,9 @@ def run_all(jobs, slots):
 def pick_slots(spec, per_gpu=None, cores=None):
     """One entry per run that may go at once: each GPU id per_gpu times, or [None] without a GPU
     (one run at a time on the CPU, whose cores a run's threads already use). per_gpu None: 8, or
-    fewer where the runs would then outnumber half the CPU cores. A baby GPT's step is bound by its
-    host: on an H200 with 16 cores, 8 runs at once trained the most steps a second and 16 fewer
-    than 4 (results/training_speed.md; measured before train.py replayed CUDA graphs)."""
+    fewer where the runs would then outnumber half the CPU cores (baby GPTs launching kernels one by
+    one were bound by their host: on an H200 with 16 cores, 16 at once trained fewer steps a second
+    than 4). Through MPS, with CUDA graphs, 8 and 16 at once trained equally fast."""
     if spec != "auto":
         ids = spec.split(",")
     elif (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:  # the ids as they are, not renumbered
@@ -235,6 +239,77 @@ def pick_slots(spec, per_gpu=None, cores=None):
     if per_gpu is None:
         per_gpu = max(1, min(8, (cores or os.cpu_count() or 1) // (2 * max(1, len(ids)))))
     return [gpu for gpu in ids for _ in range(per_gpu)] or [None]
+
+
+MPS_CONTROL = "nvidia-cuda-mps-control"
+MPS_PROBE = [sys.executable, "-c", "import torch; torch.ones(1, device='cuda').sum().item()"]
+
+
+@contextlib.contextmanager
+def shared_gpus(mode, slots):
+    """CUDA MPS for runs that share a GPU. Without it the processes on one GPU take turns, one at a time;
+    with it their kernels run side by side: 8 baby GPTs on an H200 finished 1.4x sooner
+    (results/training_speed.md). Yields the environment a run needs to use it: a daemon of our own, in
+    a private folder so that no other process's GPU work goes through it, quit when the runs end. mode
+    "auto": on where runs share a GPU, else (or if the daemon does not serve a probe) off with a note;
+    "true": the same, but a one-line error instead of running without; "false": off."""
+    if mode == "false" or None in slots or len(set(slots)) == len(slots):  # the CPU, or one run a GPU
+        if mode == "true":
+            fail("--mps=true shares a GPU between runs, but no two runs share one here (--per_gpu=1 or no GPU)")
+        yield {}
+        return
+    folder = tempfile.mkdtemp(prefix="ablate-mps-")
+    env = {"CUDA_MPS_PIPE_DIRECTORY": folder, "CUDA_MPS_LOG_DIRECTORY": folder}
+    why = mps_start(env)
+    if why:
+        shutil.rmtree(folder, ignore_errors=True)
+        if mode == "true":
+            fail(f"--mps=true: CUDA MPS {why}; run with --mps=false")
+        print(f"note: runs on one GPU take turns: CUDA MPS {why} (--mps=false skips trying)", flush=True)
+        yield {}
+        return
+    print(f"CUDA MPS: the kernels of runs on one GPU run side by side (daemon in {folder}; --mps=false: turns)",
+          flush=True)
+    try:
+        yield env
+    finally:
+        mps_quit(env)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def mps_start(env):
+    """Starts an MPS control daemon with env's folders and checks that a CUDA process can run through it.
+    Returns why it cannot, or None."""
+    if shutil.which(MPS_CONTROL) is None:
+        return f"is not installed ({MPS_CONTROL} is not on PATH)"
+    run = dict(env=dict(os.environ, **env), capture_output=True, text=True)
+    try:
+        started = subprocess.run([MPS_CONTROL, "-d"], timeout=30, **run)
+    except subprocess.TimeoutExpired:
+        return f"did not start in 30 s ({MPS_CONTROL} -d)"
+    if started.returncode:
+        return f"did not start: {' '.join((started.stderr or started.stdout).split()) or f'exit {started.returncode}'}"
+    try:
+        probe = subprocess.run(MPS_PROBE, timeout=120, **run)
+    except BaseException as e:  # the probe hung, or Ctrl-C: leave no daemon behind
+        mps_quit(env)
+        if isinstance(e, subprocess.TimeoutExpired):
+            return "started, but a CUDA process did not finish through it in 120 s"
+        raise
+    if probe.returncode:
+        mps_quit(env)
+        last = (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
+        return f"started, but a CUDA process could not run through it: {last}"
+    return None
+
+
+def mps_quit(env):
+    try:
+        subprocess.run([MPS_CONTROL], input="quit\n", env=dict(os.environ, **env), capture_output=True, text=True,
+                       timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"note: the CUDA MPS daemon did not quit ({e}): echo quit | CUDA_MPS_PIPE_DIRECTORY="
+              f"{env['CUDA_MPS_PIPE_DIRECTORY']} {MPS_CONTROL}", file=sys.stderr)
 
 
 def stat(xs, fmt="{:.4f}"):
@@ -330,6 +405,9 @@ def main(argv):
     p.add_argument("--gpus", default="auto", help="auto (every visible GPU) or ids like 0,1")
     p.add_argument("--per_gpu", type=int, help="runs at once on each GPU (default 8, or fewer so that all runs "
                    "at once stay within half the CPU cores: baby GPTs are bound by their host)")
+    p.add_argument("--mps", choices=("auto", "true", "false"), default="auto",
+                   help="CUDA MPS, so that runs sharing a GPU run their kernels side by side (auto: when runs "
+                   "share a GPU and MPS starts; true: or stop with an error; false: runs take turns)")
     p.add_argument("--force", action="store_true", help="start every (run, seed) afresh, finished or not")
     p.add_argument("--dry_run", action="store_true", help="check every config and print the commands; run nothing")
     p.add_argument("--report_only", action="store_true", help="only write results.md and val_loss.png from the logs")
@@ -376,7 +454,9 @@ def main(argv):
     # the first seed of every run, then the second...: a run's later seeds find its compiled graphs
     # in the inductor cache (shared by every run of this user), instead of compiling them alongside
     todo.sort(key=lambda job: chosen.index(job.seed))
-    failed, interrupted = run_all(todo, pick_slots(a.gpus, a.per_gpu))
+    slots = pick_slots(a.gpus, a.per_gpu)
+    with shared_gpus(a.mps, slots) as mps_env:
+        failed, interrupted = run_all(todo, slots, mps_env)
     report(a.ablation, out_root, reported)
     if interrupted:
         print("interrupted: the same command again skips finished runs and resumes the others", file=sys.stderr)
