@@ -202,7 +202,7 @@ def mps(tmp_path, monkeypatch):
     fake = bin_dir / ablate.MPS_CONTROL
     fake.write_text(f"""#!/bin/sh
 if [ "$1" = "-d" ]; then
-  echo "start $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY" >> {calls}
+  echo "start $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY GPUs $CUDA_VISIBLE_DEVICES" >> {calls}
   if [ -f {tmp_path}/fail ]; then cat {tmp_path}/fail >&2; exit 1; fi
 else
   echo "$(cat) $CUDA_MPS_PIPE_DIRECTORY" >> {calls}
@@ -210,44 +210,52 @@ fi
 """)
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    probe = f"import os; open({str(calls)!r}, 'a').write('probe ' + os.environ['CUDA_MPS_PIPE_DIRECTORY'] + '\\n')"
-    monkeypatch.setattr(ablate, "MPS_PROBE", [sys.executable, "-c", probe])
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"import os, sys\nwith open({str(calls)!r}, 'a') as f:\n"
+                     "    env = os.environ\n"
+                     "    f.write(f\"probe {env['CUDA_MPS_PIPE_DIRECTORY']} GPUs {env['CUDA_VISIBLE_DEVICES']} of {sys.argv[1]}\\n\")\n")
+    monkeypatch.setattr(ablate, "MPS_PROBE", [sys.executable, str(probe)])
     return ablate, calls, lambda message: (tmp_path / "fail").write_text(message)
+
+
+def child_env(ablate, tmp_path, env):
+    """What a run's train.py finds in its environment, started by Job.train with env."""
+    job = ablate.Job.__new__(ablate.Job)
+    job.out_dir, job.resuming, job.shown = tmp_path / "run", True, "shown"
+    job.argv = [sys.executable, "-c", "import os; print(os.environ.get('CUDA_MPS_PIPE_DIRECTORY'), "
+                "os.environ.get('CUDA_VISIBLE_DEVICES'))"]
+    assert job.train(echo=False, threads=None, gpu_env=env) == 0
+    return (tmp_path / "run" / "train.out").read_text().splitlines()[-1]
 
 
 def test_runs_sharing_a_gpu_get_an_mps_daemon_of_their_own_quit_at_the_end(mps, tmp_path, capsys):
     ablate, calls, _ = mps
-    with ablate.shared_gpus("auto", ["0", "0", "1", "1"]) as env:
-        folder = env["CUDA_MPS_PIPE_DIRECTORY"]
-        assert Path(folder).is_dir() and env["CUDA_MPS_LOG_DIRECTORY"] == folder
-        assert calls.read_text().splitlines() == [f"start {folder} {folder}", f"probe {folder}"]
-        # every run's train.py sees it, beside its GPU
-        job = ablate.Job.__new__(ablate.Job)
-        job.out_dir, job.resuming, job.shown = tmp_path / "run", True, "shown"
-        job.argv = [sys.executable, "-c", "import os; print(os.environ['CUDA_MPS_PIPE_DIRECTORY'], "
-                    "os.environ['CUDA_VISIBLE_DEVICES'])"]
-        assert job.train("1", echo=False, threads=None, mps_env=env) == 0
-        assert (tmp_path / "run" / "train.out").read_text().splitlines()[-1] == f"{folder} 1"
+    with ablate.shared_gpus("auto", ["2", "2", "5", "5"]) as env_for:
+        folder = env_for("2")["CUDA_MPS_PIPE_DIRECTORY"]
+        assert Path(folder).is_dir() and env_for("2")["CUDA_MPS_LOG_DIRECTORY"] == folder
+        # the daemon sees GPUs 2 and 5 only, renumbered 0 and 1 for its clients (as MPS requires)
+        assert calls.read_text().splitlines() == [f"start {folder} {folder} GPUs 2,5", f"probe {folder} GPUs 0,1 of 2"]
+        assert child_env(ablate, tmp_path, env_for("5")) == f"{folder} 1"
     assert calls.read_text().splitlines()[-1] == f"quit {folder}" and not Path(folder).exists()
     assert "CUDA MPS: the kernels of runs on one GPU run side by side" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("slots", [["0"], ["0", "1"], [None]])
-def test_no_daemon_where_no_two_runs_share_a_gpu(mps, slots, capsys):
+def test_no_daemon_where_no_two_runs_share_a_gpu(mps, slots, tmp_path, capsys):
     ablate, calls, _ = mps
-    with ablate.shared_gpus("auto", slots) as env:
-        assert env == {}
+    with ablate.shared_gpus("auto", slots) as env_for:
+        assert child_env(ablate, tmp_path, env_for(slots[-1])) == f"None {slots[-1]}"
     assert not calls.exists() and capsys.readouterr().out == ""
     with pytest.raises(SystemExit) as e, ablate.shared_gpus("true", slots):
         pass
     assert e.value.code == 2 and "--mps=true" in capsys.readouterr().err
 
 
-def test_a_daemon_that_cannot_start_or_serve_leaves_runs_taking_turns(mps, capsys, monkeypatch):
+def test_a_daemon_that_cannot_start_or_serve_leaves_runs_taking_turns(mps, tmp_path, capsys, monkeypatch):
     ablate, calls, make_fail = mps
     make_fail("An instance of this daemon is already running\n")
-    with ablate.shared_gpus("auto", ["0", "0"]) as env:
-        assert env == {}
+    with ablate.shared_gpus("auto", ["3", "3"]) as env_for:
+        assert env_for("3") == {"CUDA_VISIBLE_DEVICES": "3"}
     out = capsys.readouterr().out
     assert out == ("note: runs on one GPU take turns: CUDA MPS did not start: An instance of this daemon is already "
                    "running (--mps=false skips trying)\n")
@@ -256,16 +264,16 @@ def test_a_daemon_that_cannot_start_or_serve_leaves_runs_taking_turns(mps, capsy
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
         "error: --mps=true: CUDA MPS did not start: An instance of this daemon is already running; run with --mps=false"]
     # started, but a CUDA process fails through it: the daemon is quit again
-    (calls.parent / "fail").unlink()
+    (tmp_path / "fail").unlink()
     calls.unlink()
     monkeypatch.setattr(ablate, "MPS_PROBE", [sys.executable, "-c", "raise SystemExit('RuntimeError: no CUDA GPUs')"])
-    with ablate.shared_gpus("auto", ["0", "0"]) as env:
-        assert env == {}
+    with ablate.shared_gpus("auto", ["0", "0"]) as env_for:
+        assert env_for("0") == {"CUDA_VISIBLE_DEVICES": "0"}
     started, quit_ = calls.read_text().splitlines()
     assert started.startswith("start ") and quit_ == f"quit {started.split()[1]}"
     assert "a CUDA process could not run through it: RuntimeError: no CUDA GPUs" in capsys.readouterr().out
     # not installed
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    with ablate.shared_gpus("auto", ["0", "0"]) as env:
-        assert env == {}
+    with ablate.shared_gpus("auto", ["0", "0"]) as env_for:
+        assert env_for("0") == {"CUDA_VISIBLE_DEVICES": "0"}
     assert f"is not installed ({ablate.MPS_CONTROL} is not on PATH)" in capsys.readouterr().out

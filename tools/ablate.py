@@ -155,14 +155,15 @@ class Job:
     def best_val_loss(self):
         return min((r["val_loss"] for r in self.log() if r.get("val_loss") is not None), default=math.nan)
 
-    def train(self, gpu, echo, threads, mps_env):
+    def train(self, echo, threads, gpu_env):
         """train.py in a subprocess, its output to out_dir/train.out (and to the terminal if echo), with
-        `threads` CPU threads for torch and for compiling, and mps_env (see shared_gpus). Returns its exit status."""
+        `threads` CPU threads for torch and for compiling and gpu_env, which picks its GPU (see
+        shared_gpus). Returns its exit status."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if not self.resuming:  # a fresh start (or --force): should it stop, a rerun must not resume the old checkpoint
             for name in ("ckpt.pt", "log.jsonl"):
                 (self.out_dir / name).unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **mps_env, **({} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **gpu_env)
         if threads:  # runs side by side share the cores instead of each starting one thread per core
             env.update(OMP_NUM_THREADS=str(threads), TORCHINDUCTOR_COMPILE_THREADS=str(threads))
         with open(self.out_dir / "train.out", "w", buffering=1) as out:  # line-buffered: tail -f shows progress
@@ -175,10 +176,10 @@ class Job:
             return proc.wait()
 
 
-def run_all(jobs, slots, mps_env=None):
-    """Jobs, len(slots) at a time, each slot a GPU id or None (wherever train.py puts it), each with the
-    environment mps_env adds. Returns (the failed ones, whether Ctrl-C stopped it); a failure leaves the
-    others to carry on."""
+def run_all(jobs, slots, env_for=lambda gpu: {} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}):
+    """Jobs, len(slots) at a time, each slot a GPU id or None (wherever train.py puts it), env_for(slot)
+    the environment that puts a run there. Returns (the failed ones, whether Ctrl-C stopped it); a
+    failure leaves the others to carry on."""
     todo, failed, lock, stop = queue.Queue(), [], threading.Lock(), threading.Event()
     for i, job in enumerate(jobs):
         todo.put((i, job))
@@ -194,7 +195,7 @@ def run_all(jobs, slots, mps_env=None):
             with lock:
                 print(f"[{i + 1}/{len(jobs)}] start{'' if gpu is None else f' (GPU {gpu})'} {job.shown}", flush=True)
             began = time.monotonic()
-            code = job.train(gpu, echo=len(slots) == 1, threads=threads, mps_env=mps_env or {})
+            code = job.train(echo=len(slots) == 1, threads=threads, gpu_env=env_for(gpu))
             took = f"{(time.monotonic() - began) / 60:.1f} min"
             with lock:
                 if code:
@@ -242,55 +243,63 @@ def pick_slots(spec, per_gpu=None, cores=None):
 
 
 MPS_CONTROL = "nvidia-cuda-mps-control"
-MPS_PROBE = [sys.executable, "-c", "import torch; torch.ones(1, device='cuda').sum().item()"]
+# a CUDA process through the daemon, on each of its GPUs (their number: the argument)
+MPS_PROBE = [sys.executable, "-c", "import sys, torch; n = torch.cuda.device_count(); "
+             "assert n == int(sys.argv[1]), f'{n} GPUs visible'; [torch.ones(1, device=i).sum().item() for i in range(n)]"]
 
 
 @contextlib.contextmanager
 def shared_gpus(mode, slots):
     """CUDA MPS for runs that share a GPU. Without it the processes on one GPU take turns, one at a time;
-    with it their kernels run side by side: 8 baby GPTs on an H200 finished 1.4x sooner
-    (results/training_speed.md). Yields the environment a run needs to use it: a daemon of our own, in
-    a private folder so that no other process's GPU work goes through it, quit when the runs end. mode
-    "auto": on where runs share a GPU, else (or if the daemon does not serve a probe) off with a note;
-    "true": the same, but a one-line error instead of running without; "false": off."""
+    with it their kernels run side by side: 8 baby GPTs on an H200 finished 1.35x sooner
+    (results/training_speed.md). Yields env_for(slot): the environment variables that put a run on
+    that slot's GPU, through a daemon of our own in a private folder (no other process's GPU work goes
+    through it), quit when the runs end. mode "auto": on where runs share a GPU, else (or if the daemon
+    does not serve a probe) off with a note; "true": the same, but a one-line error instead of running
+    without; "false": off."""
+    def plain(gpu):
+        return {} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}
     if mode == "false" or None in slots or len(set(slots)) == len(slots):  # the CPU, or one run a GPU
         if mode == "true":
             fail("--mps=true shares a GPU between runs, but no two runs share one here (--per_gpu=1 or no GPU)")
-        yield {}
+        yield plain
         return
+    gpus = list(dict.fromkeys(slots))
     folder = tempfile.mkdtemp(prefix="ablate-mps-")
     env = {"CUDA_MPS_PIPE_DIRECTORY": folder, "CUDA_MPS_LOG_DIRECTORY": folder}
-    why = mps_start(env)
+    why = mps_start(env, gpus)
     if why:
         shutil.rmtree(folder, ignore_errors=True)
         if mode == "true":
             fail(f"--mps=true: CUDA MPS {why}; run with --mps=false")
         print(f"note: runs on one GPU take turns: CUDA MPS {why} (--mps=false skips trying)", flush=True)
-        yield {}
+        yield plain
         return
     print(f"CUDA MPS: the kernels of runs on one GPU run side by side (daemon in {folder}; --mps=false: turns)",
           flush=True)
-    try:
-        yield env
+    try:  # the daemon sees our GPUs only, renumbered 0, 1, ...: its runs name them by those numbers
+        yield lambda gpu: {**env, "CUDA_VISIBLE_DEVICES": str(gpus.index(gpu))}
     finally:
         mps_quit(env)
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def mps_start(env):
-    """Starts an MPS control daemon with env's folders and checks that a CUDA process can run through it.
-    Returns why it cannot, or None."""
+def mps_start(env, gpus):
+    """Starts an MPS control daemon with env's folders for these GPUs and checks that a CUDA process
+    runs through it on each. Returns why it cannot, or None."""
     if shutil.which(MPS_CONTROL) is None:
         return f"is not installed ({MPS_CONTROL} is not on PATH)"
-    run = dict(env=dict(os.environ, **env), capture_output=True, text=True)
+    daemon = dict(os.environ, **env, CUDA_VISIBLE_DEVICES=",".join(gpus))
+    run = dict(capture_output=True, text=True)
     try:
-        started = subprocess.run([MPS_CONTROL, "-d"], timeout=30, **run)
+        started = subprocess.run([MPS_CONTROL, "-d"], env=daemon, timeout=30, **run)
     except subprocess.TimeoutExpired:
         return f"did not start in 30 s ({MPS_CONTROL} -d)"
     if started.returncode:
         return f"did not start: {' '.join((started.stderr or started.stdout).split()) or f'exit {started.returncode}'}"
+    client = dict(os.environ, **env, CUDA_VISIBLE_DEVICES=",".join(map(str, range(len(gpus)))))
     try:
-        probe = subprocess.run(MPS_PROBE, timeout=120, **run)
+        probe = subprocess.run(MPS_PROBE + [str(len(gpus))], env=client, timeout=120, **run)
     except BaseException as e:  # the probe hung, or Ctrl-C: leave no daemon behind
         mps_quit(env)
         if isinstance(e, subprocess.TimeoutExpired):
@@ -455,8 +464,8 @@ def main(argv):
     # in the inductor cache (shared by every run of this user), instead of compiling them alongside
     todo.sort(key=lambda job: chosen.index(job.seed))
     slots = pick_slots(a.gpus, a.per_gpu)
-    with shared_gpus(a.mps, slots) as mps_env:
-        failed, interrupted = run_all(todo, slots, mps_env)
+    with shared_gpus(a.mps, slots) as env_for:
+        failed, interrupted = run_all(todo, slots, env_for)
     report(a.ablation, out_root, reported)
     if interrupted:
         print("interrupted: the same command again skips finished runs and resumes the others", file=sys.stderr)
