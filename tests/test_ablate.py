@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,45 @@ def test_a_daemon_that_cannot_start_or_serve_leaves_runs_taking_turns(mps, tmp_p
     with ablate.shared_gpus("auto", ["0", "0"]) as env_for:
         assert env_for("0") == {"CUDA_VISIBLE_DEVICES": "0"}
     assert f"is not installed ({ablate.MPS_CONTROL} is not on PATH)" in capsys.readouterr().out
+
+
+def test_runs_side_by_side_print_a_progress_line_on_all_of_them(tmp_path, monkeypatch, capsys):
+    """Each line: steps trained of all, runs running/waiting/done, and the time left at that pace."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import ablate
+
+    class FakeJob(ablate.Job):
+        def __init__(self, name, max_iters, steps, resumed_at=None):
+            self.run, self.seed, self.max_iters, self.steps = name, 1, max_iters, steps
+            self.out_dir, self.shown = tmp_path / name, f"train {name}"
+            self.resuming = resumed_at is not None
+            self.out_dir.mkdir()
+            if self.resuming:
+                (self.out_dir / "log.jsonl").write_text(json.dumps({"iter": resumed_at, "val_loss": 2.0}) + "\n")
+
+        def train(self, echo, threads, gpu_env):
+            with open(self.out_dir / "train.out", "w") as out:
+                for it in self.steps:
+                    out.write(f"iter {it}/{self.max_iters} (50%): loss 2.0\n")
+                    out.flush()
+                    time.sleep(0.15)
+            return 0
+
+    monkeypatch.setattr(ablate, "STATUS_EVERY", 0.25)
+    jobs = [FakeJob("a", 100, [0, 10, 20, 30, 40]), FakeJob("b", 100, [50, 60, 70, 80, 90], resumed_at=50),
+            FakeJob("c", 100, [0, 50])]
+    failed, stopped = ablate.run_all(jobs, ["0", "0"])
+    assert not failed and not stopped
+    lines = re.findall(r"^\[\d+\.\d min\] .*$", capsys.readouterr().out, re.M)
+    assert lines, "no progress line"
+    pattern = (r"\[\d\.\d min\] ([\d,]+) of 300 steps \((\d+)%\), (\d) running, (\d) waiting, (\d) done"
+               r"(; ~\d+\.\d min left at this pace)?")
+    for line in lines:
+        done, percent, running, waiting, finished, pace = re.fullmatch(pattern, line).groups()
+        assert int(running) + int(waiting) + int(finished) == 3 and int(running) <= 2
+        assert int(done) >= 50 and int(percent) == int(done) * 100 // 300  # b's 50 steps before it resumed count
+    # while a and b run and c waits: a's and b's latest steps, c nothing yet
+    assert re.fullmatch(pattern, lines[0]).groups()[2:5] == ("2", "1", "0")
+    assert any(re.fullmatch(pattern, line).group(6) for line in lines)
+    assert ablate.progress_line({jobs[0]: "done", jobs[1]: "failed", jobs[2]: "waiting"}, {j: 0 for j in jobs}, 60) \
+        == "[1.0 min] 190 of 300 steps (63%), 0 running, 1 waiting, 1 done, 1 failed; ~0.5 min left at this pace"

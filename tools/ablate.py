@@ -18,9 +18,11 @@ processes on one GPU take turns, with it their kernels run side by side. On an H
 cores, 8 baby GPTs of 1000 steps each finished in 1.6 min taking turns, in 1.2 min through MPS; through
 MPS, 16 such runs in 2.2 min 8 at a time and in 2.0 min 16 at a time, training steps as fast but
 compiling side by side (results/training_speed.md). Hence 8 per GPU by default, fewer where all runs
-at once would outnumber half the CPU cores; on the CPU one runs at a time. The end
-says how many runs finished per hour: run the same ablation with --force and another --per_gpu to
-find the best packing for another machine.
+at once would outnumber half the CPU cores; on the CPU one runs at a time. Each run prints a
+line when it starts and ends; with several at once, a line every minute sums them up (steps trained
+of all, runs running, waiting and done, time left at that pace). The end says how many runs
+finished per hour: run the same ablation with --force and another --per_gpu to find the best
+packing for another machine.
 """
 import argparse
 import contextlib
@@ -152,6 +154,14 @@ class Job:
         log = self.log()
         return bool(log) and log[-1].get("iter") == self.max_iters and log[-1].get("val_loss") is not None
 
+    def steps_done(self):
+        """The last step its train.out logged ("iter N/M: ..."), 0 before the first."""
+        try:
+            found = re.findall(r"^iter (\d+)/\d+ ", (self.out_dir / "train.out").read_text(), re.M)
+        except OSError:
+            return 0
+        return int(found[-1]) if found else 0
+
     def best_val_loss(self):
         return min((r["val_loss"] for r in self.log() if r.get("val_loss") is not None), default=math.nan)
 
@@ -183,6 +193,8 @@ def run_all(jobs, slots, env_for=lambda gpu: {} if gpu is None else {"CUDA_VISIB
     todo, failed, lock, stop = queue.Queue(), [], threading.Lock(), threading.Event()
     for i, job in enumerate(jobs):
         todo.put((i, job))
+    state = {job: "waiting" for job in jobs}
+    before = {job: job.log()[-1].get("iter", 0) if job.resuming and job.log() else 0 for job in jobs}
     threads = max(1, (os.cpu_count() or 1) // len(slots)) if len(slots) > 1 else None
     start = time.monotonic()
 
@@ -193,11 +205,13 @@ def run_all(jobs, slots, env_for=lambda gpu: {} if gpu is None else {"CUDA_VISIB
             except queue.Empty:  # another worker took the last one
                 return
             with lock:
+                state[job] = "running"
                 print(f"[{i + 1}/{len(jobs)}] start{'' if gpu is None else f' (GPU {gpu})'} {job.shown}", flush=True)
             began = time.monotonic()
             code = job.train(echo=len(slots) == 1, threads=threads, gpu_env=env_for(gpu))
             took = f"{(time.monotonic() - began) / 60:.1f} min"
             with lock:
+                state[job] = "failed" if code else "done"
                 if code:
                     last = ((job.out_dir / "train.out").read_text().strip().splitlines() or [""])[-1]
                     failed.append(job)
@@ -214,14 +228,36 @@ def run_all(jobs, slots, env_for=lambda gpu: {} if gpu is None else {"CUDA_VISIB
     # A handler, not KeyboardInterrupt: an interrupted join() can report a running thread as finished.
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        for t in workers:
-            t.join()
+        next_line = start + STATUS_EVERY
+        while alive := [t for t in workers if t.is_alive()]:
+            alive[0].join(timeout=max(0.1, next_line - time.monotonic()))
+            if len(slots) > 1 and time.monotonic() >= next_line:  # one run at a time echoes its own log
+                with lock:
+                    print(progress_line(state, before, time.monotonic() - start), flush=True)
+                next_line += STATUS_EVERY
     finally:
         signal.signal(signal.SIGINT, previous)
     hours, done = (time.monotonic() - start) / 3600, len(jobs) - len(failed)
     if jobs:
         print(f"{done} runs finished in {hours * 60:.1f} min, {len(slots)} at a time: {done / hours:.1f} runs per hour")
     return failed, stop.is_set()
+
+
+STATUS_EVERY = 60  # seconds between progress lines while several runs go at once
+
+
+def progress_line(state, before, elapsed):
+    """One line on all the runs: steps trained of all, runs in each state, time left at this pace (steps
+    a run had before it resumed are not counted in the pace)."""
+    steps = {job: job.max_iters if s == "done" else job.steps_done() if s != "waiting" else before[job]
+             for job, s in state.items()}
+    total, done = sum(job.max_iters for job in state), sum(steps.values())
+    new = sum(max(0, steps[job] - before[job]) for job in state)
+    left = sum(job.max_iters - steps[job] for job, s in state.items() if s in ("running", "waiting"))
+    counts = ", ".join(f"{n} {name}" for name in ("running", "waiting", "done", "failed")
+                       if (n := sum(s == name for s in state.values())) or name != "failed")
+    pace = f"; ~{elapsed * left / new / 60:.1f} min left at this pace" if new and left else ""
+    return f"[{elapsed / 60:.1f} min] {done:,} of {total:,} steps ({100 * done // max(1, total)}%), {counts}{pace}"
 
 
 def pick_slots(spec, per_gpu=None, cores=None):
