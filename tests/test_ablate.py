@@ -1,9 +1,12 @@
 """ablate.py end to end on the CPU: a 2-run x 2-seed ablation of a tiny model, each ablate.py a subprocess."""
 import importlib.util
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -170,9 +173,15 @@ def test_each_run_says_when_it_starts_and_finishes_first_seeds_first(done):
     assert re.search(r"4 runs finished in \d+\.\d min, 1 at a time: \d+\.\d runs per hour", result.stdout)
 
 
-def test_runs_share_each_gpu_per_gpu_times_and_the_cpu_one_at_a_time(monkeypatch):
-    sys.path.insert(0, str(REPO / "tools"))
+@pytest.fixture
+def ablate_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
     import ablate
+    return ablate
+
+
+def test_runs_share_each_gpu_per_gpu_times_and_the_cpu_one_at_a_time(ablate_module, monkeypatch):
+    ablate = ablate_module
     assert ablate.pick_slots("0,1", 3) == ["0", "0", "0", "1", "1", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU
     assert ablate.pick_slots("auto", 4) == [None]
@@ -193,11 +202,10 @@ def test_per_gpu_below_one_is_one_line(tmp_path):
 # ----------------------------------------------------------------------------- CUDA MPS (a fake daemon)
 
 @pytest.fixture
-def mps(tmp_path, monkeypatch):
+def mps(ablate_module, tmp_path, monkeypatch):
     """ablate.py with a fake nvidia-cuda-mps-control on PATH, a probe that needs no GPU, and the log of
     what both were asked: (the module, the log, a function that makes `-d` fail with a message)."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import ablate
+    ablate = ablate_module
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
     bin_dir.mkdir()
     fake = bin_dir / ablate.MPS_CONTROL
@@ -238,7 +246,34 @@ def test_runs_sharing_a_gpu_get_an_mps_daemon_of_their_own_quit_at_the_end(mps, 
         assert calls.read_text().splitlines() == [f"start {folder} {folder} GPUs 2,5", f"probe {folder} GPUs 0,1 of 2"]
         assert child_env(ablate, tmp_path, env_for("5")) == f"{folder} 1"
     assert calls.read_text().splitlines()[-1] == f"quit {folder}" and not Path(folder).exists()
-    assert "CUDA MPS: the kernels of runs on one GPU run side by side" in capsys.readouterr().out
+    assert f"CUDA MPS: runs on one GPU run their kernels side by side (should ablate.py die, stop the daemon with: " \
+           f"echo quit | CUDA_MPS_PIPE_DIRECTORY={folder} {ablate.MPS_CONTROL})" in capsys.readouterr().out
+
+
+def test_the_daemon_is_quit_when_the_runs_raise(mps):
+    ablate, calls, _ = mps
+    with pytest.raises(KeyboardInterrupt), ablate.shared_gpus("auto", ["0", "0"]) as env_for:
+        folder = env_for("0")["CUDA_MPS_PIPE_DIRECTORY"]
+        raise KeyboardInterrupt
+    assert calls.read_text().splitlines()[-1] == f"quit {folder}" and not Path(folder).exists()
+
+
+def test_main_gives_each_run_the_daemon_and_its_gpu_and_skips_it_for_one_run(mps, tmp_path, monkeypatch, capsys):
+    ablate, calls, _ = mps
+    (tmp_path / "tiny.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 40)
+    prepare(None, data_dir=tmp_path / "data", input_path=tmp_path / "tiny.txt", tokenizer="char")
+    seen = []
+    monkeypatch.setattr(ablate, "pick_slots", lambda spec, per_gpu: ["0", "0"])
+    monkeypatch.setattr(ablate.Job, "train", lambda job, echo, threads, gpu_env: seen.append(gpu_env) or 0)
+    path = write_ablation(tmp_path)
+    assert ablate.main([str(path), "--seeds=1"]) == 0
+    folder = seen[0]["CUDA_MPS_PIPE_DIRECTORY"]
+    assert seen == [{"CUDA_MPS_PIPE_DIRECTORY": folder, "CUDA_MPS_LOG_DIRECTORY": folder, "CUDA_VISIBLE_DEVICES": "0"}] * 2
+    assert calls.read_text().splitlines()[-1] == f"quit {folder}"
+    calls.unlink()
+    seen.clear()
+    assert ablate.main([str(path), "--seeds=1", "--only=softmax"]) == 0  # one run: nothing to share
+    assert seen == [{"CUDA_VISIBLE_DEVICES": "0"}] and not calls.exists()
 
 
 @pytest.mark.parametrize("slots", [["0"], ["0", "1"], [None]])
@@ -246,7 +281,7 @@ def test_no_daemon_where_no_two_runs_share_a_gpu(mps, slots, tmp_path, capsys):
     ablate, calls, _ = mps
     with ablate.shared_gpus("auto", slots) as env_for:
         assert child_env(ablate, tmp_path, env_for(slots[-1])) == f"None {slots[-1]}"
-    assert not calls.exists() and capsys.readouterr().out == ""
+    assert not calls.exists() and capsys.readouterr() == ("", "")
     with pytest.raises(SystemExit) as e, ablate.shared_gpus("true", slots):
         pass
     assert e.value.code == 2 and "--mps=true" in capsys.readouterr().err
@@ -257,9 +292,8 @@ def test_a_daemon_that_cannot_start_or_serve_leaves_runs_taking_turns(mps, tmp_p
     make_fail("An instance of this daemon is already running\n")
     with ablate.shared_gpus("auto", ["3", "3"]) as env_for:
         assert env_for("3") == {"CUDA_VISIBLE_DEVICES": "3"}
-    out = capsys.readouterr().out
-    assert out == ("note: runs on one GPU take turns: CUDA MPS did not start: An instance of this daemon is already "
-                   "running (--mps=false skips trying)\n")
+    assert capsys.readouterr().err == ("note: CUDA MPS did not start: An instance of this daemon is already running, "
+                                       "so runs sharing a GPU take turns (--mps=false skips trying)\n")
     with pytest.raises(SystemExit) as e, ablate.shared_gpus("true", ["0", "0"]):
         pass
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
@@ -272,18 +306,17 @@ def test_a_daemon_that_cannot_start_or_serve_leaves_runs_taking_turns(mps, tmp_p
         assert env_for("0") == {"CUDA_VISIBLE_DEVICES": "0"}
     started, quit_ = calls.read_text().splitlines()
     assert started.startswith("start ") and quit_ == f"quit {started.split()[1]}"
-    assert "a CUDA process could not run through it: RuntimeError: no CUDA GPUs" in capsys.readouterr().out
+    assert "a CUDA process could not run through it: RuntimeError: no CUDA GPUs, so" in capsys.readouterr().err
     # not installed
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     with ablate.shared_gpus("auto", ["0", "0"]) as env_for:
         assert env_for("0") == {"CUDA_VISIBLE_DEVICES": "0"}
-    assert f"is not installed ({ablate.MPS_CONTROL} is not on PATH)" in capsys.readouterr().out
+    assert f"note: CUDA MPS is not installed (no {ablate.MPS_CONTROL} on PATH), so" in capsys.readouterr().err
 
 
-def test_runs_side_by_side_print_a_progress_line_on_all_of_them(tmp_path, monkeypatch, capsys):
+def test_runs_side_by_side_print_a_progress_line_on_all_of_them(ablate_module, tmp_path, monkeypatch, capsys):
     """Each line: steps trained of all, runs running/waiting/done, and the time left at that pace."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import ablate
+    ablate = ablate_module
 
     class FakeJob(ablate.Job):
         def __init__(self, name, max_iters, steps, resumed_at=None):
@@ -319,4 +352,38 @@ def test_runs_side_by_side_print_a_progress_line_on_all_of_them(tmp_path, monkey
     assert re.fullmatch(pattern, lines[0]).groups()[2:5] == ("2", "1", "0")
     assert any(re.fullmatch(pattern, line).group(6) for line in lines)
     assert ablate.progress_line({jobs[0]: "done", jobs[1]: "failed", jobs[2]: "waiting"}, {j: 0 for j in jobs}, 60) \
-        == "[1.0 min] 190 of 300 steps (63%), 0 running, 1 waiting, 1 done, 1 failed; ~0.5 min left at this pace"
+        == "[1.0 min] 191 of 300 steps (63%), 0 running, 1 waiting, 1 done, 1 failed; ~0.5 min left at this pace"
+    # b resumed at step 50 and has not logged a step yet (its train.out starts afresh): 50 done, none at this pace
+    (tmp_path / "b" / "train.out").write_text("compiling\n")
+    assert ablate.progress_line({jobs[0]: "running", jobs[1]: "running", jobs[2]: "waiting"},
+                                {jobs[0]: 0, jobs[1]: 50, jobs[2]: 0}, 120) \
+        == "[2.0 min] 91 of 300 steps (30%), 2 running, 1 waiting, 0 done; ~10.2 min left at this pace"
+
+
+def test_a_kill_stops_the_runs_as_ctrl_c_does(ablate_module, tmp_path):
+    """SIGTERM to ablate.py alone (a scheduler, `timeout`) reaches each running train.py as Ctrl-C, so
+    each saves and exits, and ablate.py returns instead of leaving them (and an MPS daemon) behind."""
+    ablate = ablate_module
+    job = ablate.Job.__new__(ablate.Job)
+    job.run, job.seed, job.max_iters, job.out_dir, job.resuming, job.shown = "r", 1, 10, tmp_path / "r", False, "r"
+    job.argv = [sys.executable, "-c", "import signal, sys, time\n"
+                "signal.signal(signal.SIGINT, lambda *_: (print('saved on Ctrl-C', flush=True), sys.exit(130)))\n"
+                "print('ready', flush=True)\ntime.sleep(40)"]
+    killer = threading.Thread(target=lambda: (wait_for(lambda: "ready" in read(job.out_dir / "train.out")),
+                                              os.kill(os.getpid(), signal.SIGTERM)))
+    killer.start()
+    began = time.monotonic()
+    failed, stopped = ablate.run_all([job], [None, None])
+    killer.join()
+    assert stopped and failed == [job] and time.monotonic() - began < 30
+    assert read(job.out_dir / "train.out").splitlines()[-1] == "saved on Ctrl-C"
+
+
+def read(path):
+    return path.read_text() if path.exists() else ""
+
+
+def wait_for(condition, timeout=30):
+    end = time.monotonic() + timeout
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.05)

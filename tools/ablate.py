@@ -15,9 +15,9 @@ ends with the eval at max_iters is skipped, and an unfinished one with a ckpt.pt
 unless --force (start every run afresh). Small runs do not fill a GPU, so --per_gpu runs share each
 GPU, through a CUDA MPS daemon of ablate.py's own where MPS is installed (--mps): without it the
 processes on one GPU take turns, with it their kernels run side by side. On an H200 with 16 CPU
-cores, 8 baby GPTs of 1000 steps each finished in 1.6 min taking turns, in 1.2 min through MPS; through
-MPS, 16 such runs in 2.2 min 8 at a time and in 2.0 min 16 at a time, training steps as fast but
-compiling side by side (results/training_speed.md). Hence 8 per GPU by default, fewer where all runs
+cores, 8 baby GPTs of 1000 steps each finished in 99.5 s taking turns, in 73.5 s through MPS; through
+MPS, 16 such runs in 2.2 min 8 at a time and in 2.0 min 16 at a time (results/training_speed.md).
+Hence 8 per GPU by default, fewer where all runs
 at once would outnumber half the CPU cores; on the CPU one runs at a time. Each run prints a
 line when it starts and ends; with several at once, a line every minute sums them up (steps trained
 of all, runs running, waiting and done, time left at that pace). The end says how many runs
@@ -155,12 +155,18 @@ class Job:
         return bool(log) and log[-1].get("iter") == self.max_iters and log[-1].get("val_loss") is not None
 
     def steps_done(self):
-        """The last step its train.out logged ("iter N/M: ..."), 0 before the first."""
+        """The steps its train.out has logged: "iter N/M: ..." follows step N, counted from 0."""
         try:
             found = re.findall(r"^iter (\d+)/\d+ ", (self.out_dir / "train.out").read_text(), re.M)
         except OSError:
             return 0
-        return int(found[-1]) if found else 0
+        return int(found[-1]) + 1 if found else 0
+
+    def interrupt(self):
+        """Ctrl-C for its train.py: it saves a checkpoint and exits."""
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
 
     def best_val_loss(self):
         return min((r["val_loss"] for r in self.log() if r.get("val_loss") is not None), default=math.nan)
@@ -178,7 +184,8 @@ class Job:
             env.update(OMP_NUM_THREADS=str(threads), TORCHINDUCTOR_COMPILE_THREADS=str(threads))
         with open(self.out_dir / "train.out", "w", buffering=1) as out:  # line-buffered: tail -f shows progress
             out.write(f"$ {self.shown}\n")
-            proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            self.proc = proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                text=True, env=env)
             for line in proc.stdout:
                 out.write(line)
                 if echo:
@@ -186,10 +193,18 @@ class Job:
             return proc.wait()
 
 
-def run_all(jobs, slots, env_for=lambda gpu: {} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}):
-    """Jobs, len(slots) at a time, each slot a GPU id or None (wherever train.py puts it), env_for(slot)
-    the environment that puts a run there. Returns (the failed ones, whether Ctrl-C stopped it); a
-    failure leaves the others to carry on."""
+STATUS_EVERY = 60  # seconds between progress lines while several runs go at once
+
+
+def on_gpu(gpu):
+    """The environment that puts a run on this GPU (None: wherever train.py puts it)."""
+    return {} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}
+
+
+def run_all(jobs, slots, env_for=on_gpu):
+    """Jobs, len(slots) at a time, each slot a GPU id or None, env_for(slot) the environment that puts a
+    run there. Returns (the failed ones, whether Ctrl-C or a kill stopped it); a failure leaves the
+    others to carry on."""
     todo, failed, lock, stop = queue.Queue(), [], threading.Lock(), threading.Event()
     for i, job in enumerate(jobs):
         todo.put((i, job))
@@ -221,43 +236,58 @@ def run_all(jobs, slots, env_for=lambda gpu: {} if gpu is None else {"CUDA_VISIB
                 else:
                     print(f"[{i + 1}/{len(jobs)}] done {job.run} seed {job.seed}: best val loss "
                           f"{job.best_val_loss():.4f}, {took}", flush=True)
+
+    def interrupt(signum, frame):  # start no more runs; the running ones save a checkpoint and exit
+        stop.set()
+        if signum != signal.SIGINT:  # Ctrl-C reaches them itself (one process group); a kill does not
+            for job in [job for job, s in list(state.items()) if s == "running"]:
+                job.interrupt()
     workers = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in slots]
     for t in workers:
         t.start()
-    # Ctrl-C reaches the children too: wait while they save and say how to resume, and start no more.
-    # A handler, not KeyboardInterrupt: an interrupted join() can report a running thread as finished.
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # Handlers, not KeyboardInterrupt: an interrupted join() can report a running thread as finished, and
+    # a kill (SIGTERM, SIGHUP) must not leave the runs, or the MPS daemon, running without ablate.py.
+    stops = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {sig: signal.signal(sig, interrupt) for sig in stops}
     try:
         next_line = start + STATUS_EVERY
         while alive := [t for t in workers if t.is_alive()]:
             alive[0].join(timeout=max(0.1, next_line - time.monotonic()))
             if len(slots) > 1 and time.monotonic() >= next_line:  # one run at a time echoes its own log
                 with lock:
-                    print(progress_line(state, before, time.monotonic() - start), flush=True)
-                next_line += STATUS_EVERY
+                    now = dict(state)
+                line = progress_line(now, before, time.monotonic() - start)
+                with lock:
+                    print(line, flush=True)
+                next_line = time.monotonic() + STATUS_EVERY
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     hours, done = (time.monotonic() - start) / 3600, len(jobs) - len(failed)
     if jobs:
         print(f"{done} runs finished in {hours * 60:.1f} min, {len(slots)} at a time: {done / hours:.1f} runs per hour")
     return failed, stop.is_set()
 
 
-STATUS_EVERY = 60  # seconds between progress lines while several runs go at once
-
-
 def progress_line(state, before, elapsed):
-    """One line on all the runs: steps trained of all, runs in each state, time left at this pace (steps
-    a run had before it resumed are not counted in the pace)."""
-    steps = {job: job.max_iters if s == "done" else job.steps_done() if s != "waiting" else before[job]
-             for job, s in state.items()}
-    total, done = sum(job.max_iters for job in state), sum(steps.values())
-    new = sum(max(0, steps[job] - before[job]) for job in state)
-    left = sum(job.max_iters - steps[job] for job, s in state.items() if s in ("running", "waiting"))
-    counts = ", ".join(f"{n} {name}" for name in ("running", "waiting", "done", "failed")
-                       if (n := sum(s == name for s in state.values())) or name != "failed")
-    pace = f"; ~{elapsed * left / new / 60:.1f} min left at this pace" if new and left else ""
-    return f"[{elapsed / 60:.1f} min] {done:,} of {total:,} steps ({100 * done // max(1, total)}%), {counts}{pace}"
+    """One line on all the runs: the steps trained of all, how many runs are in each state, and the time
+    left at the pace so far (steps a run had before it resumed do not count toward the pace)."""
+    total = done = new = left = 0
+    counts = dict.fromkeys(("running", "waiting", "done", "failed"), 0)
+    for job, s in state.items():
+        if s == "done":
+            steps = job.max_iters
+        elif s == "waiting":
+            steps = before[job]
+        else:  # running or failed: as far as its log got (a resumed run's restarts at its checkpoint)
+            steps = max(before[job], job.steps_done())
+        counts[s] += 1
+        total, done, new = total + job.max_iters, done + steps, new + steps - before[job]
+        if s in ("running", "waiting"):
+            left += job.max_iters - steps
+    runs = ", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "failed")
+    pace = f"; ~{elapsed * left / new / 60:.1f} min left at this pace" if new > 0 and left else ""
+    return f"[{elapsed / 60:.1f} min] {done:,} of {total:,} steps ({100 * done // max(1, total)}%), {runs}{pace}"
 
 
 def pick_slots(spec, per_gpu=None, cores=None):
@@ -265,7 +295,7 @@ def pick_slots(spec, per_gpu=None, cores=None):
     (one run at a time on the CPU, whose cores a run's threads already use). per_gpu None: 8, or
     fewer where the runs would then outnumber half the CPU cores (baby GPTs launching kernels one by
     one were bound by their host: on an H200 with 16 cores, 16 at once trained fewer steps a second
-    than 4). Through MPS, with CUDA graphs, 8 and 16 at once trained equally fast."""
+    than 4). Through MPS, with CUDA graphs, 16 at once finished 9% more 1000-step runs an hour than 8."""
     if spec != "auto":
         ids = spec.split(",")
     elif (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:  # the ids as they are, not renumbered
@@ -288,73 +318,78 @@ MPS_PROBE = [sys.executable, "-c", "import sys, torch; n = torch.cuda.device_cou
 def shared_gpus(mode, slots):
     """CUDA MPS for runs that share a GPU. Without it the processes on one GPU take turns, one at a time;
     with it their kernels run side by side: 8 baby GPTs on an H200 finished 1.35x sooner
-    (results/training_speed.md). Yields env_for(slot): the environment variables that put a run on
-    that slot's GPU, through a daemon of our own in a private folder (no other process's GPU work goes
-    through it), quit when the runs end. mode "auto": on where runs share a GPU, else (or if the daemon
-    does not serve a probe) off with a note; "true": the same, but a one-line error instead of running
-    without; "false": off."""
-    def plain(gpu):
-        return {} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}
+    (results/training_speed.md). Yields env_for(slot): the environment that puts a run on that slot's
+    GPU, through a daemon of our own in a private folder (no other process's GPU work goes through it),
+    quit when the runs end. mode "auto": MPS where runs share a GPU, taking turns (with a note) where it
+    does not start; "true": a one-line error instead of taking turns; "false": taking turns."""
     if mode == "false" or None in slots or len(set(slots)) == len(slots):  # the CPU, or one run a GPU
         if mode == "true":
-            fail("--mps=true shares a GPU between runs, but no two runs share one here (--per_gpu=1 or no GPU)")
-        yield plain
+            fail("--mps=true: no two runs share a GPU here (no GPU, or --per_gpu=1); drop --mps=true")
+        yield on_gpu
         return
     gpus = list(dict.fromkeys(slots))
     folder = tempfile.mkdtemp(prefix="ablate-mps-")
     env = {"CUDA_MPS_PIPE_DIRECTORY": folder, "CUDA_MPS_LOG_DIRECTORY": folder}
-    why = mps_start(env, gpus)
-    if why:
-        shutil.rmtree(folder, ignore_errors=True)
-        if mode == "true":
+    why = "was not started"
+    try:
+        why = mps_start(env, gpus)
+        if why is None:
+            print(f"CUDA MPS: runs on one GPU run their kernels side by side (should ablate.py die, stop the "
+                  f"daemon with: echo quit | CUDA_MPS_PIPE_DIRECTORY={folder} {MPS_CONTROL})", flush=True)
+            # the daemon sees our GPUs only, renumbered 0, 1, ...: its runs name them by those numbers
+            yield lambda gpu: {**env, "CUDA_VISIBLE_DEVICES": str(gpus.index(gpu))}
+        elif mode == "true":
             fail(f"--mps=true: CUDA MPS {why}; run with --mps=false")
-        print(f"note: runs on one GPU take turns: CUDA MPS {why} (--mps=false skips trying)", flush=True)
-        yield plain
-        return
-    print(f"CUDA MPS: the kernels of runs on one GPU run side by side (daemon in {folder}; --mps=false: turns)",
-          flush=True)
-    try:  # the daemon sees our GPUs only, renumbered 0, 1, ...: its runs name them by those numbers
-        yield lambda gpu: {**env, "CUDA_VISIBLE_DEVICES": str(gpus.index(gpu))}
+        else:
+            print(f"note: CUDA MPS {why}, so runs sharing a GPU take turns (--mps=false skips trying)",
+                  file=sys.stderr, flush=True)
+            yield on_gpu
     finally:
-        mps_quit(env)
+        if why is None:
+            mps_quit(env)
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def mps_start(env, gpus):
-    """Starts an MPS control daemon with env's folders for these GPUs and checks that a CUDA process
-    runs through it on each. Returns why it cannot, or None."""
+    """Starts an MPS control daemon with env's folders for these GPUs and checks that a CUDA process runs
+    through it on each. Returns None if it does, else why not (the daemon quit again)."""
     if shutil.which(MPS_CONTROL) is None:
-        return f"is not installed ({MPS_CONTROL} is not on PATH)"
+        return f"is not installed (no {MPS_CONTROL} on PATH)"
     daemon = dict(os.environ, **env, CUDA_VISIBLE_DEVICES=",".join(gpus))
-    run = dict(capture_output=True, text=True)
-    try:
-        started = subprocess.run([MPS_CONTROL, "-d"], env=daemon, timeout=30, **run)
-    except subprocess.TimeoutExpired:
-        return f"did not start in 30 s ({MPS_CONTROL} -d)"
-    if started.returncode:
-        return f"did not start: {' '.join((started.stderr or started.stdout).split()) or f'exit {started.returncode}'}"
     client = dict(os.environ, **env, CUDA_VISIBLE_DEVICES=",".join(map(str, range(len(gpus)))))
     try:
-        probe = subprocess.run(MPS_PROBE + [str(len(gpus))], env=client, timeout=120, **run)
-    except BaseException as e:  # the probe hung, or Ctrl-C: leave no daemon behind
-        mps_quit(env)
-        if isinstance(e, subprocess.TimeoutExpired):
-            return "started, but a CUDA process did not finish through it in 120 s"
+        started = subprocess.run([MPS_CONTROL, "-d"], env=daemon, capture_output=True, text=True, timeout=30)
+        if started.returncode:
+            why = f"did not start: {' '.join((started.stderr or started.stdout).split()) or f'exit {started.returncode}'}"
+        else:
+            probe = subprocess.run(MPS_PROBE + [str(len(gpus))], env=client, capture_output=True, text=True,
+                                   timeout=120)
+            if probe.returncode == 0:
+                return None
+            last = (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
+            why = f"started, but a CUDA process could not run through it: {last}"
+    except subprocess.TimeoutExpired as e:
+        why = f"did not answer in {e.timeout:.0f} s ({' '.join(e.cmd[:2])})"
+    except BaseException:  # Ctrl-C: leave no daemon behind
+        mps_quit(env, quiet=True)
         raise
-    if probe.returncode:
-        mps_quit(env)
-        last = (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
-        return f"started, but a CUDA process could not run through it: {last}"
-    return None
+    mps_quit(env, quiet=True)
+    log = Path(env["CUDA_MPS_LOG_DIRECTORY"]) / "control.log"  # its own account, about to be removed
+    last_logged = (log.read_text(errors="replace").strip().splitlines() or [""])[-1] if log.is_file() else ""
+    return why + (f" (its control.log: {last_logged})" if last_logged else "")
 
 
-def mps_quit(env):
+def mps_quit(env, quiet=False):
+    """Stops the daemon of env's folder; unless quiet, says how to if it would not."""
     try:
-        subprocess.run([MPS_CONTROL], input="quit\n", env=dict(os.environ, **env), capture_output=True, text=True,
-                       timeout=60)
+        result = subprocess.run([MPS_CONTROL], input="quit\n", env=dict(os.environ, **env), capture_output=True,
+                                text=True, timeout=60)
+        trouble = result.returncode and (" ".join((result.stderr or result.stdout).split()) or f"exit {result.returncode}")
     except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"note: the CUDA MPS daemon did not quit ({e}): echo quit | CUDA_MPS_PIPE_DIRECTORY="
-              f"{env['CUDA_MPS_PIPE_DIRECTORY']} {MPS_CONTROL}", file=sys.stderr)
+        trouble = str(e)
+    if trouble and not quiet:
+        print(f"note: the CUDA MPS daemon did not quit ({trouble}); stop it with: echo quit | "
+              f"CUDA_MPS_PIPE_DIRECTORY={env['CUDA_MPS_PIPE_DIRECTORY']} {MPS_CONTROL}", file=sys.stderr)
 
 
 def stat(xs, fmt="{:.4f}"):
@@ -451,8 +486,9 @@ def main(argv):
     p.add_argument("--per_gpu", type=int, help="runs at once on each GPU (default 8, or fewer so that all runs "
                    "at once stay within half the CPU cores: baby GPTs are bound by their host)")
     p.add_argument("--mps", choices=("auto", "true", "false"), default="auto",
-                   help="CUDA MPS, so that runs sharing a GPU run their kernels side by side (auto: when runs "
-                   "share a GPU and MPS starts; true: or stop with an error; false: runs take turns)")
+                   help="CUDA MPS, so that runs sharing a GPU run their kernels side by side. auto: where runs "
+                   "share a GPU and MPS starts, else they take turns; true: stop with an error where it cannot; "
+                   "false: runs take turns")
     p.add_argument("--force", action="store_true", help="start every (run, seed) afresh, finished or not")
     p.add_argument("--dry_run", action="store_true", help="check every config and print the commands; run nothing")
     p.add_argument("--report_only", action="store_true", help="only write results.md and val_loss.png from the logs")
@@ -500,7 +536,7 @@ def main(argv):
     # in the inductor cache (shared by every run of this user), instead of compiling them alongside
     todo.sort(key=lambda job: chosen.index(job.seed))
     slots = pick_slots(a.gpus, a.per_gpu)
-    with shared_gpus(a.mps, slots) as env_for:
+    with shared_gpus(a.mps if len(todo) > 1 else "false", slots) as env_for:  # one run shares nothing
         failed, interrupted = run_all(todo, slots, env_for)
     report(a.ablation, out_root, reported)
     if interrupted:
