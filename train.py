@@ -24,6 +24,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import sys
 import textwrap
 import time
@@ -844,4 +845,7 @@ def run(argv):
 
 
 if __name__ == "__main__":
+    # Ctrl-C (or tools/ablate.py's SIGINT) stops a run with the resume command, even when a shell
+    # started it with SIGINT ignored, as it does a background job of a script
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run(sys.argv[1:])

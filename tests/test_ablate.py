@@ -264,7 +264,7 @@ def test_main_gives_each_run_the_daemon_and_its_gpu_and_skips_it_for_one_run(mps
     prepare(None, data_dir=tmp_path / "data", input_path=tmp_path / "tiny.txt", tokenizer="char")
     seen = []
     monkeypatch.setattr(ablate, "pick_slots", lambda spec, per_gpu: ["0", "0"])
-    monkeypatch.setattr(ablate.Job, "train", lambda job, echo, threads, gpu_env: seen.append(gpu_env) or 0)
+    monkeypatch.setattr(ablate.Job, "train", lambda job, echo, threads, gpu_env, stop: seen.append(gpu_env) or 0)
     path = write_ablation(tmp_path)
     assert ablate.main([str(path), "--seeds=1"]) == 0
     folder = seen[0]["CUDA_MPS_PIPE_DIRECTORY"]
@@ -327,7 +327,7 @@ def test_runs_side_by_side_print_a_progress_line_on_all_of_them(ablate_module, t
             if self.resuming:
                 (self.out_dir / "log.jsonl").write_text(json.dumps({"iter": resumed_at, "val_loss": 2.0}) + "\n")
 
-        def train(self, echo, threads, gpu_env):
+        def train(self, echo, threads, gpu_env, stop):
             with open(self.out_dir / "train.out", "w") as out:
                 for it in self.steps:
                     out.write(f"iter {it}/{self.max_iters} (50%): loss 2.0\n")
@@ -352,7 +352,7 @@ def test_runs_side_by_side_print_a_progress_line_on_all_of_them(ablate_module, t
     assert re.fullmatch(pattern, lines[0]).groups()[2:5] == ("2", "1", "0")
     assert any(re.fullmatch(pattern, line).group(6) for line in lines)
     assert ablate.progress_line({jobs[0]: "done", jobs[1]: "failed", jobs[2]: "waiting"}, {j: 0 for j in jobs}, 60) \
-        == "[1.0 min] 191 of 300 steps (63%), 0 running, 1 waiting, 1 done, 1 failed; ~0.5 min left at this pace"
+        == "[1.0 min] 191 of 300 steps (63%), 0 running, 1 waiting, 1 done, 1 failed; ~0.7 min left at this pace"
     # b resumed at step 50 and has not logged a step yet (its train.out starts afresh): 50 done, none at this pace
     (tmp_path / "b" / "train.out").write_text("compiling\n")
     assert ablate.progress_line({jobs[0]: "running", jobs[1]: "running", jobs[2]: "waiting"},
@@ -387,3 +387,25 @@ def wait_for(condition, timeout=30):
     end = time.monotonic() + timeout
     while not condition() and time.monotonic() < end:
         time.sleep(0.05)
+
+
+def test_a_run_started_as_the_kill_came_is_stopped_at_once(ablate_module, tmp_path):
+    ablate = ablate_module
+    job = ablate.Job.__new__(ablate.Job)
+    job.out_dir, job.resuming, job.shown = tmp_path / "r", False, "r"
+    job.argv = [sys.executable, "-c", "import signal, sys, time\n"
+                "signal.signal(signal.SIGINT, lambda *_: (print('stopped', flush=True), sys.exit(130)))\n"
+                "time.sleep(40)"]
+    stop = threading.Event()
+    stop.set()
+    began = time.monotonic()
+    code = job.train(echo=False, threads=None, gpu_env={}, stop=stop)  # SIGINT at its start or in its sleep
+    assert code in (130, -signal.SIGINT) and time.monotonic() - began < 30
+
+
+def test_a_signal_it_was_told_to_ignore_does_not_stop_it(ablate_module, monkeypatch):
+    """nohup ignores SIGHUP: a closed terminal must not stop the runs."""
+    ablate = ablate_module
+    assert signal.SIGTERM in ablate.stop_signals()
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN if sig == signal.SIGHUP else signal.SIG_DFL)
+    assert signal.SIGHUP not in ablate.stop_signals() and signal.SIGTERM in ablate.stop_signals()

@@ -246,10 +246,12 @@ def test_kill_9_during_training_keeps_a_loadable_checkpoint(data_dir, tmp_path):
     assert load(out / "ckpt.pt")["iter_num"] == 150
 
 
-def test_ctrl_c_keeps_last_checkpoint(data_dir, tmp_path):
+@pytest.mark.parametrize("started_ignoring_it", [False, True])  # True: as a shell starts a script's background job
+def test_ctrl_c_keeps_last_checkpoint(data_dir, tmp_path, started_ignoring_it):
     out = tmp_path / "out"
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if started_ignoring_it else None
     proc = subprocess.Popen(command(data_dir, out, "--max_iters=100000", "--eval_interval=5"), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
     try:
         wait_for(lambda: (out / "ckpt.pt").exists() and n_lines(out / "log.jsonl") >= 12, proc, "a checkpoint")
     finally:

@@ -154,16 +154,17 @@ class Job:
         log = self.log()
         return bool(log) and log[-1].get("iter") == self.max_iters and log[-1].get("val_loss") is not None
 
-    def steps_done(self):
-        """The steps its train.out has logged: "iter N/M: ..." follows step N, counted from 0."""
+    def steps_logged(self):
+        """(the step its train.out began at, the steps done by its last line), or None before its first
+        line: "iter N/M: ..." follows step N, counted from 0, and a resumed run begins at its checkpoint."""
         try:
             found = re.findall(r"^iter (\d+)/\d+ ", (self.out_dir / "train.out").read_text(), re.M)
         except OSError:
-            return 0
-        return int(found[-1]) + 1 if found else 0
+            return None
+        return (int(found[0]), int(found[-1]) + 1) if found else None
 
     def interrupt(self):
-        """Ctrl-C for its train.py: it saves a checkpoint and exits."""
+        """Ctrl-C for its train.py: it stops, naming its last checkpoint to resume from."""
         proc = getattr(self, "proc", None)
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -171,10 +172,10 @@ class Job:
     def best_val_loss(self):
         return min((r["val_loss"] for r in self.log() if r.get("val_loss") is not None), default=math.nan)
 
-    def train(self, echo, threads, gpu_env):
+    def train(self, echo, threads, gpu_env, stop=None):
         """train.py in a subprocess, its output to out_dir/train.out (and to the terminal if echo), with
         `threads` CPU threads for torch and for compiling and gpu_env, which picks its GPU (see
-        shared_gpus). Returns its exit status."""
+        shared_gpus); interrupted at once if the event `stop` is set by then. Returns its exit status."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if not self.resuming:  # a fresh start (or --force): should it stop, a rerun must not resume the old checkpoint
             for name in ("ckpt.pt", "log.jsonl"):
@@ -186,6 +187,8 @@ class Job:
             out.write(f"$ {self.shown}\n")
             self.proc = proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                 text=True, env=env)
+            if stop is not None and stop.is_set():  # a kill came while it started: run_all's handler missed it
+                self.interrupt()
             for line in proc.stdout:
                 out.write(line)
                 if echo:
@@ -209,6 +212,7 @@ def run_all(jobs, slots, env_for=on_gpu):
     for i, job in enumerate(jobs):
         todo.put((i, job))
     state = {job: "waiting" for job in jobs}
+    # a resumed run's steps so far, until it starts (its log may run past its checkpoint: a guess)
     before = {job: job.log()[-1].get("iter", 0) if job.resuming and job.log() else 0 for job in jobs}
     threads = max(1, (os.cpu_count() or 1) // len(slots)) if len(slots) > 1 else None
     start = time.monotonic()
@@ -220,10 +224,12 @@ def run_all(jobs, slots, env_for=on_gpu):
             except queue.Empty:  # another worker took the last one
                 return
             with lock:
+                if stop.is_set():  # a kill came after this worker looked
+                    return
                 state[job] = "running"
                 print(f"[{i + 1}/{len(jobs)}] start{'' if gpu is None else f' (GPU {gpu})'} {job.shown}", flush=True)
             began = time.monotonic()
-            code = job.train(echo=len(slots) == 1, threads=threads, gpu_env=env_for(gpu))
+            code = job.train(echo=len(slots) == 1, threads=threads, gpu_env=env_for(gpu), stop=stop)
             took = f"{(time.monotonic() - began) / 60:.1f} min"
             with lock:
                 state[job] = "failed" if code else "done"
@@ -237,18 +243,17 @@ def run_all(jobs, slots, env_for=on_gpu):
                     print(f"[{i + 1}/{len(jobs)}] done {job.run} seed {job.seed}: best val loss "
                           f"{job.best_val_loss():.4f}, {took}", flush=True)
 
-    def interrupt(signum, frame):  # start no more runs; the running ones save a checkpoint and exit
+    def interrupt(signum, frame):  # start no more runs; the running ones stop, their checkpoints kept
         stop.set()
         if signum != signal.SIGINT:  # Ctrl-C reaches them itself (one process group); a kill does not
             for job in [job for job, s in list(state.items()) if s == "running"]:
                 job.interrupt()
+    # Handlers, not KeyboardInterrupt: an interrupted join() can report a running thread as finished, and
+    # a kill (SIGTERM, SIGHUP) must not leave the runs, or the MPS daemon, running without ablate.py.
+    previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals()}
     workers = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in slots]
     for t in workers:
         t.start()
-    # Handlers, not KeyboardInterrupt: an interrupted join() can report a running thread as finished, and
-    # a kill (SIGTERM, SIGHUP) must not leave the runs, or the MPS daemon, running without ablate.py.
-    stops = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    previous = {sig: signal.signal(sig, interrupt) for sig in stops}
     try:
         next_line = start + STATUS_EVERY
         while alive := [t for t in workers if t.is_alive()]:
@@ -269,20 +274,27 @@ def run_all(jobs, slots, env_for=on_gpu):
     return failed, stop.is_set()
 
 
+def stop_signals():
+    """The signals that stop ablate.py as Ctrl-C does: Ctrl-C, a kill, a closed terminal; not one it was
+    told to ignore (nohup ignores SIGHUP)."""
+    signals = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    return [sig for sig in signals if signal.getsignal(sig) != signal.SIG_IGN]
+
+
 def progress_line(state, before, elapsed):
     """One line on all the runs: the steps trained of all, how many runs are in each state, and the time
-    left at the pace so far (steps a run had before it resumed do not count toward the pace)."""
+    left at the pace so far (the steps a run had when it resumed do not count toward the pace)."""
     total = done = new = left = 0
     counts = dict.fromkeys(("running", "waiting", "done", "failed"), 0)
     for job, s in state.items():
-        if s == "done":
-            steps = job.max_iters
-        elif s == "waiting":
-            steps = before[job]
-        else:  # running or failed: as far as its log got (a resumed run's restarts at its checkpoint)
-            steps = max(before[job], job.steps_done())
+        if s == "waiting":
+            began = steps = before[job]
+        else:  # from its train.out, if it has logged a step: a resumed run's first line is its checkpoint
+            logged = job.steps_logged()
+            began = (logged[0] if logged else before[job]) if job.resuming else 0
+            steps = job.max_iters if s == "done" else logged[1] if logged else before[job]
         counts[s] += 1
-        total, done, new = total + job.max_iters, done + steps, new + steps - before[job]
+        total, done, new = total + job.max_iters, done + steps, new + steps - began
         if s in ("running", "waiting"):
             left += job.max_iters - steps
     runs = ", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "failed")
@@ -536,6 +548,8 @@ def main(argv):
     # in the inductor cache (shared by every run of this user), instead of compiling them alongside
     todo.sort(key=lambda job: chosen.index(job.seed))
     slots = pick_slots(a.gpus, a.per_gpu)
+    for sig in set(stop_signals()) - {signal.SIGINT}:  # a kill while the MPS daemon starts: as Ctrl-C, so it is quit
+        signal.signal(sig, signal.default_int_handler)
     with shared_gpus(a.mps if len(todo) > 1 else "false", slots) as env_for:  # one run shares nothing
         failed, interrupted = run_all(todo, slots, env_for)
     report(a.ablation, out_root, reported)
