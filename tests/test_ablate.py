@@ -227,12 +227,21 @@ fi
     return ablate, calls, lambda message: (tmp_path / "fail").write_text(message)
 
 
+def script_job(ablate, out_dir, script):
+    """A Job whose train.py is this Python script instead."""
+    job = ablate.Job.__new__(ablate.Job)
+    job.run, job.seed, job.max_iters, job.out_dir, job.resuming, job.shown = out_dir.name, 1, 10, out_dir, False, "run"
+    job.argv = [sys.executable, "-c", script]
+    return job
+
+
+ON_CTRL_C = "import signal, sys, time\nsignal.signal(signal.SIGINT, lambda *_: (print({!r}, flush=True), sys.exit(130)))\n"
+
+
 def child_env(ablate, tmp_path, env):
     """What a run's train.py finds in its environment, started by Job.train with env."""
-    job = ablate.Job.__new__(ablate.Job)
-    job.out_dir, job.resuming, job.shown = tmp_path / "run", True, "shown"
-    job.argv = [sys.executable, "-c", "import os; print(os.environ.get('CUDA_MPS_PIPE_DIRECTORY'), "
-                "os.environ.get('CUDA_VISIBLE_DEVICES'))"]
+    job = script_job(ablate, tmp_path / "run", "import os; print(os.environ.get('CUDA_MPS_PIPE_DIRECTORY'), "
+                     "os.environ.get('CUDA_VISIBLE_DEVICES'))")
     assert job.train(echo=False, threads=None, gpu_env=env) == 0
     return (tmp_path / "run" / "train.out").read_text().splitlines()[-1]
 
@@ -364,11 +373,7 @@ def test_a_kill_stops_the_runs_as_ctrl_c_does(ablate_module, tmp_path):
     """SIGTERM to ablate.py alone (a scheduler, `timeout`) reaches each running train.py as Ctrl-C, so
     each saves and exits, and ablate.py returns instead of leaving them (and an MPS daemon) behind."""
     ablate = ablate_module
-    job = ablate.Job.__new__(ablate.Job)
-    job.run, job.seed, job.max_iters, job.out_dir, job.resuming, job.shown = "r", 1, 10, tmp_path / "r", False, "r"
-    job.argv = [sys.executable, "-c", "import signal, sys, time\n"
-                "signal.signal(signal.SIGINT, lambda *_: (print('saved on Ctrl-C', flush=True), sys.exit(130)))\n"
-                "print('ready', flush=True)\ntime.sleep(40)"]
+    job = script_job(ablate, tmp_path / "r", ON_CTRL_C.format("saved on Ctrl-C") + "print('ready', flush=True)\ntime.sleep(40)")
     killer = threading.Thread(target=lambda: (wait_for(lambda: "ready" in read(job.out_dir / "train.out")),
                                               os.kill(os.getpid(), signal.SIGTERM)))
     killer.start()
@@ -391,11 +396,7 @@ def wait_for(condition, timeout=30):
 
 def test_a_run_started_as_the_kill_came_is_stopped_at_once(ablate_module, tmp_path):
     ablate = ablate_module
-    job = ablate.Job.__new__(ablate.Job)
-    job.out_dir, job.resuming, job.shown = tmp_path / "r", False, "r"
-    job.argv = [sys.executable, "-c", "import signal, sys, time\n"
-                "signal.signal(signal.SIGINT, lambda *_: (print('stopped', flush=True), sys.exit(130)))\n"
-                "time.sleep(40)"]
+    job = script_job(ablate, tmp_path / "r", ON_CTRL_C.format("stopped") + "time.sleep(40)")
     stop = threading.Event()
     stop.set()
     began = time.monotonic()
