@@ -24,6 +24,7 @@ Layout: q (B, H, T, D), k and v (B, H_kv, T, D) with H a multiple of H_kv, last 
 (the layout of F.scaled_dot_product_attention). The output is (B, H, T, D) with the memory layout of
 (B, T, H, D), as SDPA's. Head dims 16, 32, 64, 128. Any T.
 """
+import inspect
 import math
 import os
 from typing import Optional
@@ -191,6 +192,10 @@ if triton is not None:
                              (32, 64, 8, 3), (64, 64, 8, 2)], (16, 32, 4, 1))
     DQ_CONFIGS = _configs([(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)], (32, 16, 4, 1))
     TUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "HAS_ALIBI", "DROPOUT", "FAST"]
+    # The winning config of each key is kept on disk beside Triton's compiled kernels
+    # (~/.triton/cache; Triton >= 3.4), so a second process with the same shapes, as every run of an
+    # ablation is, skips timing every candidate (the interpreter never autotunes)
+    TUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
     @triton.jit
     def _probs(s, qpos, kpos, half_scale, half_bias, half_slope, kept,
@@ -298,7 +303,7 @@ if triton is not None:
             acc = tl.dot(p.to(v.dtype), v, acc)
         return acc
 
-    @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+    @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, **TUNE_CACHE)
     @triton.jit
     def _fwd_kernel(Q, K, V, O, Bias, Slopes, Hashes,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -365,7 +370,8 @@ if triton is not None:
 
     # every candidate writes its own number of key-block rows of DBias, and adds into DQacc: zero
     # both before each try
-    @triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY + ["FUSE_DQ"], reset_to_zero=["DBias", "DQacc"])
+    @triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY + ["FUSE_DQ"], reset_to_zero=["DBias", "DQacc"],
+                     **TUNE_CACHE)
     @triton.jit
     def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQacc, Bias, Slopes, Hashes, DBias,
                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -440,7 +446,7 @@ if triton is not None:
             dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
         return dq
 
-    @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
+    @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY, **TUNE_CACHE)
     @triton.jit
     def _bwd_dq_kernel(Q, K, V, DO, DQ, Bias, Slopes, Hashes,
                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
