@@ -360,13 +360,22 @@ def test_runs_side_by_side_print_a_progress_line_on_all_of_them(ablate_module, t
     # while a and b run and c waits: a's and b's latest steps, c nothing yet
     assert re.fullmatch(pattern, lines[0]).groups()[2:5] == ("2", "1", "0")
     assert any(re.fullmatch(pattern, line).group(6) for line in lines)
-    assert ablate.progress_line({jobs[0]: "done", jobs[1]: "failed", jobs[2]: "waiting"}, {j: 0 for j in jobs}, 60) \
-        == "[1.0 min] 191 of 300 steps (63%), 0 running, 1 waiting, 1 done, 1 failed; ~0.7 min left at this pace"
+    # the first line has no pace: its minute went mostly to compiling
+    states = {jobs[0]: "done", jobs[1]: "failed", jobs[2]: "waiting"}
+    assert ablate.progress_line(states, {j: 0 for j in jobs}, 60) \
+        == ("[1.0 min] 191 of 300 steps (63%), 0 running, 1 waiting, 1 done, 1 failed", (141, 60))
+    # the pace of the last line's interval: 100 steps in 30 s, 109 left
+    assert ablate.progress_line(states, {j: 0 for j in jobs}, 60, last=(41, 30))[0] \
+        == "[1.0 min] 191 of 300 steps (63%), 0 running, 1 waiting, 1 done, 1 failed; ~0.5 min left at this pace"
     # b resumed at step 50 and has not logged a step yet (its train.out starts afresh): 50 done, none at this pace
     (tmp_path / "b" / "train.out").write_text("compiling\n")
     assert ablate.progress_line({jobs[0]: "running", jobs[1]: "running", jobs[2]: "waiting"},
-                                {jobs[0]: 0, jobs[1]: 50, jobs[2]: 0}, 120) \
-        == "[2.0 min] 91 of 300 steps (30%), 2 running, 1 waiting, 0 done; ~10.2 min left at this pace"
+                                {jobs[0]: 0, jobs[1]: 50, jobs[2]: 0}, 120, last=(11, 60)) \
+        == ("[2.0 min] 91 of 300 steps (30%), 2 running, 1 waiting, 0 done; ~7.0 min left at this pace", (41, 120))
+    # no step since the last line: no pace
+    assert ablate.progress_line({jobs[0]: "running", jobs[1]: "running", jobs[2]: "waiting"},
+                                {jobs[0]: 0, jobs[1]: 50, jobs[2]: 0}, 180, last=(41, 120))[0] \
+        == "[3.0 min] 91 of 300 steps (30%), 2 running, 1 waiting, 0 done"
 
 
 def test_a_kill_stops_the_runs_as_ctrl_c_does(ablate_module, tmp_path):

@@ -19,8 +19,8 @@ cores, 8 baby GPTs of 1000 steps each finished in 99.5 s taking turns, in 73.5 s
 MPS, 16 such runs in 2.2 min 8 at a time and in 2.0 min 16 at a time (results/training_speed.md).
 Hence 8 per GPU by default, fewer where all runs at once would outnumber half the CPU cores; on the
 CPU one runs at a time. Each run prints a line when it starts and ends; with several at once, a line
-every minute sums them up (steps trained of all, runs running, waiting and done, time left at that
-pace). Ctrl-C, a kill or a closed terminal stops every run as Ctrl-C stops train.py; the same
+every minute sums them up (steps trained of all, runs running, waiting and done, and from the second
+line on, the time left at the last minute's pace). Ctrl-C, a kill or a closed terminal stops every run as Ctrl-C stops train.py; the same
 command then resumes. The end says how many runs finished per hour: run the same ablation with
 --force and another --per_gpu to find the best packing for another machine.
 """
@@ -255,13 +255,13 @@ def run_all(jobs, slots, env_for=on_gpu):
     for t in workers:
         t.start()
     try:
-        next_line = start + STATUS_EVERY
+        next_line, mark = start + STATUS_EVERY, None
         while alive := [t for t in workers if t.is_alive()]:
             alive[0].join(timeout=max(0.1, next_line - time.monotonic()))
             if len(slots) > 1 and time.monotonic() >= next_line:  # one run at a time echoes its own log
                 with lock:
                     now = dict(state)
-                line = progress_line(now, before, time.monotonic() - start)
+                line, mark = progress_line(now, before, time.monotonic() - start, mark)
                 with lock:
                     print(line, flush=True)
                 next_line = time.monotonic() + STATUS_EVERY
@@ -281,9 +281,12 @@ def stop_signals():
     return [sig for sig in signals if signal.getsignal(sig) != signal.SIG_IGN]
 
 
-def progress_line(state, before, elapsed):
+def progress_line(state, before, elapsed, last=None):
     """One line on all the runs: the steps trained of all, how many runs are in each state, and the time
-    left at the pace so far (the steps a run had when it resumed do not count toward the pace)."""
+    left at the pace since the last line, `last` = (steps trained, elapsed) there. None on the first
+    line: the runs spend their first minute compiling (the recipe on an H200 trained 262 steps in its
+    first minute, 9,486 in its second). The steps a run had when it resumed do not count toward the
+    pace. Returns the line and this line's `last`."""
     total = done = new = left = 0
     counts = dict.fromkeys(("running", "waiting", "done", "failed"), 0)
     for job, s in state.items():
@@ -298,8 +301,11 @@ def progress_line(state, before, elapsed):
         if s in ("running", "waiting"):
             left += job.max_iters - steps
     runs = ", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "failed")
-    pace = f"; ~{elapsed * left / new / 60:.1f} min left at this pace" if new > 0 and left else ""
-    return f"[{elapsed / 60:.1f} min] {done:,} of {total:,} steps ({100 * done // max(1, total)}%), {runs}{pace}"
+    pace = ""
+    if last is not None and new > last[0] and left:
+        pace = f"; ~{(elapsed - last[1]) * left / (new - last[0]) / 60:.1f} min left at this pace"
+    return (f"[{elapsed / 60:.1f} min] {done:,} of {total:,} steps ({100 * done // max(1, total)}%), {runs}{pace}",
+            (new, elapsed))
 
 
 def pick_slots(spec, per_gpu=None, cores=None):
