@@ -53,7 +53,7 @@ GPT2_SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "bias", "pos_emb", "qk
 CPU_PRESET = "shakespeare_char_cpu.toml"
 LONG_CPU_RUN = 30 * 60  # seconds: a CPU run projected to take longer gets a warning
 # what the error handlers at the bottom report: where the run is and where its last checkpoint is
-progress = dict(argv=[], rank=0, ddp=False, iter=0, ckpt="out/ckpt.pt", ckpt_iter=None)
+progress = dict(argv=[], rank=0, ddp=False, iter=0, ckpt="out/ckpt.pt", ckpt_iter=None, stopped_at=None)
 
 
 # keys that change how a run is watched or where it runs, not what it learns: a new run may differ
@@ -844,8 +844,21 @@ def run(argv):
         finish(traceback.format_exc().rstrip(), 1)
 
 
+def stop_as_ctrl_c(signum, frame):
+    """Ctrl-C and a kill raise KeyboardInterrupt, which run() turns into the resume command. Another
+    one within 5 s is ignored, so that the message gets out (a kill of tools/ablate.py's process
+    group reaches each run twice: from the kill, then as ablate.py's SIGINT); a later one raises
+    again, for a stop that hangs."""
+    if progress["stopped_at"] is not None and time.monotonic() - progress["stopped_at"] < 5:
+        return
+    progress["stopped_at"] = time.monotonic()
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
     # Ctrl-C (or tools/ablate.py's SIGINT) stops a run with the resume command, even when a shell
-    # started it with SIGINT ignored, as it does a background job of a script
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # started it with SIGINT ignored, as it does a background job of a script; so does a kill
+    # (SIGTERM: `kill`, `timeout`, a job scheduler's stop), which would otherwise end it without a word
+    signal.signal(signal.SIGINT, stop_as_ctrl_c)
+    signal.signal(signal.SIGTERM, stop_as_ctrl_c)
     run(sys.argv[1:])

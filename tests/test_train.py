@@ -246,8 +246,11 @@ def test_kill_9_during_training_keeps_a_loadable_checkpoint(data_dir, tmp_path):
     assert load(out / "ckpt.pt")["iter_num"] == 150
 
 
-@pytest.mark.parametrize("started_ignoring_it", [False, True])  # True: as a shell starts a script's background job
-def test_ctrl_c_keeps_last_checkpoint(data_dir, tmp_path, started_ignoring_it):
+@pytest.mark.parametrize("sigs,started_ignoring_it", [  # ignoring: as a shell starts a script's background job
+    ([signal.SIGINT], False), ([signal.SIGINT], True), ([signal.SIGTERM], False),  # SIGTERM: `kill`, `timeout`
+    ([signal.SIGTERM, signal.SIGINT], False)],  # `timeout` signals ablate.py's group, which sends its runs SIGINT
+    ids=["ctrl-c", "ctrl-c-ignored-at-start", "kill", "kill-then-ctrl-c"])
+def test_ctrl_c_keeps_last_checkpoint(data_dir, tmp_path, sigs, started_ignoring_it):
     out = tmp_path / "out"
     ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if started_ignoring_it else None
     proc = subprocess.Popen(command(data_dir, out, "--max_iters=100000", "--eval_interval=5"), cwd=REPO,
@@ -255,7 +258,8 @@ def test_ctrl_c_keeps_last_checkpoint(data_dir, tmp_path, started_ignoring_it):
     try:
         wait_for(lambda: (out / "ckpt.pt").exists() and n_lines(out / "log.jsonl") >= 12, proc, "a checkpoint")
     finally:
-        proc.send_signal(signal.SIGINT)
+        for sig in sigs:
+            proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
