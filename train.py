@@ -192,7 +192,7 @@ def check_writable(out_dir):
 
 
 def load_data(cfg, master):
-    """meta.json and {split: (token file, token count)}; shakespeare_char is prepared if missing."""
+    """meta.json and {split: (its token file, open; token count)}; shakespeare_char is prepared if missing."""
     folder = Path(cfg.data_dir) / cfg.dataset
     if master and cfg.dataset == "shakespeare_char" and not (folder / "meta.json").exists():
         print(f"{folder} not found: preparing it, as python prepare_data.py would")
@@ -208,7 +208,9 @@ def load_data(cfg, master):
                    else "prepare the dataset from more text")
             raise TrainError(f"{tokens.filename} has {plural(len(tokens), 'token')}, too few for "
                              f"block_size={cfg.block_size}: {fix}")
-        splits[split] = (tokens.filename, len(tokens))
+        # kept open: a run reads the file it started with to its end, also when prepare_data.py
+        # replaces it (a new file under the same name) or it is deleted meanwhile
+        splits[split] = (open(tokens.filename, "rb"), len(tokens))
     return meta, splits
 
 
@@ -216,9 +218,10 @@ def plural(n, word):
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
-def get_batch(path, dtype, ix, block_size, device):
-    """Inputs x and targets y (B, T) from token offsets ix (B,); y is x shifted by one token."""
-    data = np.memmap(path, dtype=dtype, mode="r")  # re-opened per batch: a kept one leaks (nanoGPT)
+def get_batch(file, dtype, ix, block_size, device):
+    """Inputs x and targets y (B, T) from token offsets ix (B,) of a token file (open, or its path);
+    y is x shifted by one token."""
+    data = np.memmap(file, dtype=dtype, mode="r")  # mapped anew per batch: a kept map leaks (nanoGPT)
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix.tolist()]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size]
                                    for i in ix.tolist()]).astype(np.int64))
@@ -323,13 +326,13 @@ def estimate_loss(model, splits, dtype, cfg, ctx, device, rank, world, per_pass=
     the passes' means weighted by their rows is the mean over windows."""
     model.eval()
     out = {}
-    for split, (path, n_tokens) in splits.items():
+    for split, (file, n_tokens) in splits.items():
         mine = eval_offsets(n_tokens, cfg)[rank::world]
         rows = cfg.batch_size * per_pass  # one shape for every split and the copy probe: one compile
         total = torch.zeros(2, device=device)  # (sum of losses, windows) on this rank
         for k in range(0, len(mine), rows):
             n = len(mine[k:k + rows])
-            x, y = get_batch(path, dtype, mine[torch.arange(k, k + rows) % len(mine)], cfg.block_size, device)
+            x, y = get_batch(file, dtype, mine[torch.arange(k, k + rows) % len(mine)], cfg.block_size, device)
             y[n:] = -1  # the padding rows, copies of earlier windows
             if cfg.cuda_graphs:  # the last pass's loss is added up: this pass may replay over it
                 torch.compiler.cudagraph_mark_step_begin()
@@ -421,9 +424,9 @@ def copy_probe_loss(model, split, dtype, cfg, ctx, device, n_seqs=64, seed=0):
     block_size, of either kind and any seed, sees the same probe, and the training stream is
     untouched. Passes of EVAL_BATCHES_PER_PASS batches (the last padded with ignored rows) keep
     evaluation's shapes: nothing recompiles."""
-    (path, n_tokens), half = split, cfg.block_size // 2
+    (file, n_tokens), half = split, cfg.block_size // 2
     ix = torch.randint(n_tokens - half, (n_seqs,), generator=torch.Generator().manual_seed(seed))
-    run, _ = get_batch(path, dtype, ix, half, device)  # (n_seqs, half)
+    run, _ = get_batch(file, dtype, ix, half, device)  # (n_seqs, half)
     x = torch.cat([run, run], dim=1)  # (n_seqs, 2 * half)
     y = torch.full_like(x, -1)  # -1: not scored (cross_entropy's ignore_index)
     y[:, half:-1] = x[:, half + 1:]  # position half + i predicts run[i + 1]

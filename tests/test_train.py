@@ -584,6 +584,29 @@ def test_evaluation_scores_fixed_windows_and_equals_their_mean_loss(tmp_path, n_
     assert got["val"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
 
 
+def test_a_run_reads_its_data_files_to_the_end_when_they_are_replaced(data_dir, tmp_path):
+    """prepare_data.py writes a new file and renames it over the old one; a run that started on the
+    old one (an ablation's runs, say) keeps reading it, also once it is deleted."""
+    import shutil
+
+    import train as train_module
+    from configurable import TrainConfig
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir / "tiny", copy / "tiny")
+    cfg = TrainConfig(block_size=32, batch_size=4, dataset="tiny", data_dir=str(copy))
+    meta, splits = train_module.load_data(cfg, master=False)
+    ix = torch.tensor([0, 100, 5000])
+    before = train_module.get_batch(splits["train"][0], meta["dtype"], ix, 32, "cpu")
+    prepare("tiny", copy, input_path=data_dir.parent / "other.txt", tokenizer="char")  # replaces train.bin
+    assert not torch.equal(before[0], train_module.get_batch(str(copy / "tiny" / "train.bin"), meta["dtype"], ix, 32,
+                                                             "cpu")[0])
+    for got, want in zip(train_module.get_batch(splits["train"][0], meta["dtype"], ix, 32, "cpu"), before):
+        assert torch.equal(got, want)
+    (copy / "tiny" / "train.bin").unlink()
+    for got, want in zip(train_module.get_batch(splits["train"][0], meta["dtype"], ix, 32, "cpu"), before):
+        assert torch.equal(got, want)
+
+
 def test_ranks_split_the_evaluation_windows_and_their_sums_make_the_whole(tmp_path, monkeypatch):
     """Under DDP each rank scores windows rank, rank + world, ...; the all-reduced (sum, count) of all
     ranks is the one-rank evaluation, whatever the number of ranks, also when some ranks get none."""
