@@ -194,7 +194,7 @@ if triton is not None:
     TUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "HAS_ALIBI", "DROPOUT", "FAST"]
     # The winning config of each key is kept on disk beside Triton's compiled kernels
     # (~/.triton/cache; Triton >= 3.4), so a second process with the same shapes, as every run of an
-    # ablation is, skips timing every candidate (the interpreter never autotunes)
+    # ablation is, skips timing every candidate (the interpreter tunes anew each process)
     TUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
     @triton.jit

@@ -52,7 +52,8 @@ RESUME_MAY_CHANGE = ("dropout", "sigmoid_backend")  # model keys that leave the 
 GPT2_SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "bias", "pos_emb", "qk_norm")
 CPU_PRESET = "shakespeare_char_cpu.toml"
 LONG_CPU_RUN = 30 * 60  # seconds: a CPU run projected to take longer gets a warning
-# what the error handlers at the bottom report: where the run is and where its last checkpoint is
+# what the error handlers at the bottom report: where the run is and where its last checkpoint is;
+# and when a signal first stopped it (stop_as_ctrl_c)
 progress = dict(argv=[], rank=0, ddp=False, iter=0, ckpt="out/ckpt.pt", ckpt_iter=None, stopped_at=None)
 
 
@@ -192,7 +193,8 @@ def check_writable(out_dir):
 
 
 def load_data(cfg, master):
-    """meta.json and {split: (its token file, open; token count)}; shakespeare_char is prepared if missing."""
+    """meta.json and {split: (the open token file, its token count)}; shakespeare_char is prepared if
+    missing."""
     folder = Path(cfg.data_dir) / cfg.dataset
     if master and cfg.dataset == "shakespeare_char" and not (folder / "meta.json").exists():
         print(f"{folder} not found: preparing it, as python prepare_data.py would")
@@ -209,7 +211,7 @@ def load_data(cfg, master):
             raise TrainError(f"{tokens.filename} has {plural(len(tokens), 'token')}, too few for "
                              f"block_size={cfg.block_size}: {fix}")
         # kept open: a run reads the file it started with to its end, also when prepare_data.py
-        # replaces it (a new file under the same name) or it is deleted meanwhile
+        # renames a new file over it or it is deleted meanwhile (not when it is overwritten in place)
         splits[split] = (open(tokens.filename, "rb"), len(tokens))
     return meta, splits
 
@@ -860,8 +862,13 @@ def stop_as_ctrl_c(signum, frame):
 
 if __name__ == "__main__":
     # Ctrl-C (or tools/ablate.py's SIGINT) stops a run with the resume command, even when a shell
-    # started it with SIGINT ignored, as it does a background job of a script; so does a kill
-    # (SIGTERM: `kill`, `timeout`, a job scheduler's stop), which would otherwise end it without a word
+    # started it with SIGINT ignored, as it does a background job of a script. So do a kill (SIGTERM:
+    # `kill`, `timeout`, a job scheduler's stop) and a closed terminal (SIGHUP, unless nohup ignores
+    # it), which would end it without a word; not under torchrun, which sends SIGTERM to stop the
+    # ranks once one has failed: a rank waiting in a collective would not take it before a SIGKILL.
     signal.signal(signal.SIGINT, stop_as_ctrl_c)
-    signal.signal(signal.SIGTERM, stop_as_ctrl_c)
+    if "RANK" not in os.environ:
+        signal.signal(signal.SIGTERM, stop_as_ctrl_c)
+        if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, stop_as_ctrl_c)
     run(sys.argv[1:])

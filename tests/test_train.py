@@ -248,8 +248,9 @@ def test_kill_9_during_training_keeps_a_loadable_checkpoint(data_dir, tmp_path):
 
 @pytest.mark.parametrize("sigs,started_ignoring_it", [  # ignoring: as a shell starts a script's background job
     ([signal.SIGINT], False), ([signal.SIGINT], True), ([signal.SIGTERM], False),  # SIGTERM: `kill`, `timeout`
+    ([signal.SIGHUP], False),  # a closed terminal
     ([signal.SIGTERM, signal.SIGINT], False)],  # `timeout` signals ablate.py's group, which sends its runs SIGINT
-    ids=["ctrl-c", "ctrl-c-ignored-at-start", "kill", "kill-then-ctrl-c"])
+    ids=["ctrl-c", "ctrl-c-ignored-at-start", "kill", "hangup", "kill-then-ctrl-c"])
 def test_ctrl_c_keeps_last_checkpoint(data_dir, tmp_path, sigs, started_ignoring_it):
     out = tmp_path / "out"
     ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if started_ignoring_it else None
@@ -266,6 +267,22 @@ def test_ctrl_c_keeps_last_checkpoint(data_dir, tmp_path, sigs, started_ignoring
     iter_num = load(out / "ckpt.pt")["iter_num"]
     assert f"the last good checkpoint is {out / 'ckpt.pt'} (iter {iter_num})" in stderr
     assert stderr.strip().endswith("--init_from=resume") and not (out / "ckpt.pt.tmp").exists()
+
+
+def test_a_second_signal_within_5_s_lets_the_first_stop_finish(monkeypatch):
+    """A kill of ablate.py's process group reaches a run twice (the kill, then ablate.py's SIGINT): the
+    second must not cut the resume message short; one 5 s later stops a stop that hangs."""
+    import train as train_module
+    now = [100.0]
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setitem(train_module.progress, "stopped_at", None)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.stop_as_ctrl_c(signal.SIGTERM, None)
+    now[0] += 4.9
+    assert train_module.stop_as_ctrl_c(signal.SIGINT, None) is None
+    now[0] += 0.2
+    with pytest.raises(KeyboardInterrupt):
+        train_module.stop_as_ctrl_c(signal.SIGINT, None)
 
 
 @pytest.mark.parametrize("eval_interval", [2, 1])  # 1: an eval is the first to see the broken weights
@@ -595,16 +612,20 @@ def test_a_run_reads_its_data_files_to_the_end_when_they_are_replaced(data_dir, 
     shutil.copytree(data_dir / "tiny", copy / "tiny")
     cfg = TrainConfig(block_size=32, batch_size=4, dataset="tiny", data_dir=str(copy))
     meta, splits = train_module.load_data(cfg, master=False)
-    ix = torch.tensor([0, 100, 5000])
-    before = train_module.get_batch(splits["train"][0], meta["dtype"], ix, 32, "cpu")
-    prepare("tiny", copy, input_path=data_dir.parent / "other.txt", tokenizer="char")  # replaces train.bin
-    assert not torch.equal(before[0], train_module.get_batch(str(copy / "tiny" / "train.bin"), meta["dtype"], ix, 32,
-                                                             "cpu")[0])
-    for got, want in zip(train_module.get_batch(splits["train"][0], meta["dtype"], ix, 32, "cpu"), before):
-        assert torch.equal(got, want)
-    (copy / "tiny" / "train.bin").unlink()
-    for got, want in zip(train_module.get_batch(splits["train"][0], meta["dtype"], ix, 32, "cpu"), before):
-        assert torch.equal(got, want)
+    try:
+        ix = torch.tensor([0, 100, 5000])
+        before = train_module.get_batch(splits["train"][0], meta["dtype"], ix, 32, "cpu")
+        prepare("tiny", copy, input_path=data_dir.parent / "other.txt", tokenizer="char")  # replaces train.bin
+        new_file = train_module.get_batch(str(copy / "tiny" / "train.bin"), meta["dtype"], ix, 32, "cpu")
+        assert not torch.equal(before[0], new_file[0])
+        for got, want in zip(train_module.get_batch(splits["train"][0], meta["dtype"], ix, 32, "cpu"), before):
+            assert torch.equal(got, want)
+        (copy / "tiny" / "train.bin").unlink()
+        for got, want in zip(train_module.get_batch(splits["train"][0], meta["dtype"], ix, 32, "cpu"), before):
+            assert torch.equal(got, want)
+    finally:
+        for file, _ in splits.values():
+            file.close()
 
 
 def test_ranks_split_the_evaluation_windows_and_their_sums_make_the_whole(tmp_path, monkeypatch):
@@ -701,5 +722,7 @@ def test_copy_loss_is_logged_at_evals_and_probes_the_val_split(trained, data_dir
     model = GPT.from_checkpoint(load(trained / "ckpt.pt"))
     probe = {split: train_module.copy_probe_loss(model, splits[split], meta["dtype"], cfg, nullcontext(), "cpu")
              for split in ("val", "train")}
+    for file, _ in splits.values():
+        file.close()
     assert probe["val"] == pytest.approx(evals[-1]["copy_loss"], rel=1e-5)
     assert abs(probe["train"] - evals[-1]["copy_loss"]) > 1e-3
