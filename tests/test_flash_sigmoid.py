@@ -1,6 +1,10 @@
 """flash_sigmoid against an independent float64 formula, on the CPU through the Triton interpreter.
 
-Small shapes, fp32 and fp16, odd T, causal and not, GQA, ALiBi, fixed and learnable biases.
+Small shapes, fp32 and fp16, odd T, causal and not, GQA, ALiBi, fixed and learnable biases. The fp32
+bounds (2e-6) are the interpreter's exact arithmetic: on a GPU (TRITON_INTERPRET=0) fp32 dots run in
+TF32 and the forward uses the hardware tanh, so the fp32 cases fail there by design (an H200 run of
+test_forward_and_gradients_match_float64, 13 of its 16 cases before a time limit: every fp32 one
+failed, every fp16 one passed). The GPU's check is `python benchmarks/bench_attention.py --check-only`.
 """
 import math
 import os
