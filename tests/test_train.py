@@ -253,15 +253,24 @@ def test_kill_9_during_training_keeps_a_loadable_checkpoint(data_dir, tmp_path):
     ids=["ctrl-c", "ctrl-c-ignored-at-start", "kill", "hangup", "kill-then-ctrl-c"])
 def test_ctrl_c_keeps_last_checkpoint(data_dir, tmp_path, sigs, started_ignoring_it):
     out = tmp_path / "out"
-    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if started_ignoring_it else None
+
+    def as_a_terminal_starts_it():  # whatever started the tests (nohup ignores SIGHUP, say)
+        for sig in sigs:
+            signal.signal(sig, signal.SIG_DFL)
+        if started_ignoring_it:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     proc = subprocess.Popen(command(data_dir, out, "--max_iters=100000", "--eval_interval=5"), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_a_terminal_starts_it)
     try:
         wait_for(lambda: (out / "ckpt.pt").exists() and n_lines(out / "log.jsonl") >= 12, proc, "a checkpoint")
     finally:
         for sig in sigs:
             proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=60)
+        try:
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            proc.kill()  # a run that did not stop must not outlive the test
     assert proc.returncode == 130, stderr
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     iter_num = load(out / "ckpt.pt")["iter_num"]
