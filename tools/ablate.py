@@ -21,8 +21,9 @@ Hence 8 per GPU by default, fewer where all runs at once would outnumber half th
 CPU one runs at a time. Each run prints a line when it starts and ends; with several at once, a line
 every minute sums them up (steps trained of all, runs running, waiting and done, and from the
 second line on, the time left at the last minute's pace). Ctrl-C, a kill or a closed terminal
-stops every run as Ctrl-C stops train.py; the same command then resumes. The end says how many runs finished per hour: run the same ablation with
---force and another --per_gpu to find the best packing for another machine.
+stops every run as Ctrl-C stops train.py; the same command then resumes. The end says how many
+runs finished per hour: run the same ablation with --force and another --per_gpu to find the best
+packing for another machine.
 """
 import argparse
 import contextlib
