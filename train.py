@@ -29,7 +29,7 @@ import sys
 import textwrap
 import time
 import traceback
-from contextlib import nullcontext, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,8 @@ CPU_PRESET = "shakespeare_char_cpu.toml"
 LONG_CPU_RUN = 30 * 60  # seconds: a CPU run projected to take longer gets a warning
 # what the error handlers at the bottom report: where the run is and where its last checkpoint is;
 # and when a signal first stopped it (stop_as_ctrl_c)
-progress = dict(argv=[], rank=0, ddp=False, iter=0, ckpt="out/ckpt.pt", ckpt_iter=None, stopped_at=None)
+progress = dict(argv=[], rank=0, ddp=False, iter=0, ckpt="out/ckpt.pt", ckpt_iter=None, stopped_at=None,
+                saving=False, stop_after_save=False)
 
 
 # keys that change how a run is watched or where it runs, not what it learns: a new run may differ
@@ -761,10 +762,11 @@ def main(argv):
             if iter_num > first_iter and not cfg.eval_only and (
                     improved or cfg.always_save_checkpoint or at_end):
                 rng = rng_states(device, train_gen)  # every rank takes part
-                if master:
-                    ckpts.save(training_state(raw_model, optimizer, scaler, cfg, meta, rng),
-                               iter_num, losses["val"], best_val_loss, improved)
-                progress["ckpt_iter"] = iter_num
+                with stops_wait_for_the_save():
+                    if master:
+                        ckpts.save(training_state(raw_model, optimizer, scaler, cfg, meta, rng),
+                                   iter_num, losses["val"], best_val_loss, improved)
+                    progress["ckpt_iter"] = iter_num
             t0, timed = time.perf_counter(), 0  # the timing below leaves evaluations out
         if cfg.eval_only or iter_num >= cfg.max_iters:
             if master and not cfg.eval_only and len(record) > 1:
@@ -857,7 +859,24 @@ def stop_as_ctrl_c(signum, frame):
     if progress["stopped_at"] is not None and time.monotonic() - progress["stopped_at"] < 5:
         return
     progress["stopped_at"] = time.monotonic()
+    if progress["saving"]:  # raised once the save is done: stops_wait_for_the_save
+        progress["stop_after_save"] = True
+        return
     raise KeyboardInterrupt
+
+
+@contextmanager
+def stops_wait_for_the_save():
+    """A stop that comes while a checkpoint is written takes effect once ckpt.pt, best.pt and the
+    resume line's iteration all name the new save, not between the rename and the rest."""
+    progress["saving"] = True
+    try:
+        yield
+    finally:
+        progress["saving"] = False
+    if progress["stop_after_save"]:
+        progress["stop_after_save"] = False
+        raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

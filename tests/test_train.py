@@ -294,6 +294,26 @@ def test_a_second_signal_within_5_s_lets_the_first_stop_finish(monkeypatch):
         train_module.stop_as_ctrl_c(signal.SIGINT, None)
 
 
+def test_a_stop_during_a_save_waits_for_its_end(monkeypatch):
+    """A signal between the rename of ckpt.pt and the rest of the save (best.pt, the resume line's
+    iteration) would leave them naming the previous save: it is raised when the save is done."""
+    import train as train_module
+    monkeypatch.setitem(train_module.progress, "stopped_at", None)
+    monkeypatch.setitem(train_module.progress, "ckpt_iter", 20)
+    previous = signal.signal(signal.SIGINT, train_module.stop_as_ctrl_c)
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with train_module.stops_wait_for_the_save():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("best.pt")
+                train_module.progress["ckpt_iter"] = 40
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert done == ["best.pt"] and train_module.progress["ckpt_iter"] == 40
+    assert not train_module.progress["saving"] and not train_module.progress["stop_after_save"]
+
+
 @pytest.mark.parametrize("eval_interval", [2, 1])  # 1: an eval is the first to see the broken weights
 def test_nan_loss_stops_with_one_line(data_dir, trained, tmp_path, eval_interval):
     out = copy_of(trained, tmp_path)
