@@ -4,6 +4,8 @@
     python benchmarks/bench_train.py presets/gpt2_124m.toml --block_size=4096 --batch_size=3 --variants=softmax:1,sigmoid:1
     # GPT-2 124M: the plain and the chunked loss, at batch 12 and at the largest batch that fits
     python benchmarks/bench_train.py presets/gpt2_124m.toml --variants=softmax:1,sigmoid:1 --losses=plain,chunked --largest_batch
+    # GPT-2 124M as its preset trains on one GPU: 40 micro-steps a step, so AdamW runs once in 40
+    python benchmarks/bench_train.py presets/gpt2_124m.toml --variants=softmax:1,sigmoid:1 --grad_accum=40 --iters=3 --warmup=2
     # the baby GPT as train.py runs it: the character vocabulary, each step replayed as CUDA graphs
     python benchmarks/bench_train.py presets/tinyshakespeare_char.toml --variants=softmax:1,sigmoid:1 --vocab_size=65 --cuda_graphs
 
@@ -12,7 +14,8 @@ measures with dropout). Each kind gets its defaults, so sigmoid also has hybrid 
 --hybrid_norm=false --layerscale=false times the two kinds on the same blocks. Each variant (attn:compile) and loss (--losses: chunked = model.py's
 linear_cross_entropy, plain = F.cross_entropy on all the logits) builds the model, runs --warmup
 steps (compilation happens there), then times --iters full steps (forward, backward, fused AdamW)
-of batch_size x block_size random tokens in bf16 autocast. --largest_batch adds, per row, a row at
+of batch_size x block_size random tokens in bf16 autocast; with --grad_accum=N a step adds N
+micro-steps' gradients before AdamW, and the times are a micro-step's share. --largest_batch adds, per row, a row at
 the largest batch its peak memory leaves room for (90% of the GPU's memory; smaller on running out).
 Prints ms/iter, tokens/s, MFU, peak memory, the host syncs one step makes (0: the CPU runs ahead of
 the GPU), and each row's tokens/s over the first row's.
@@ -39,7 +42,8 @@ from configurable import TrainConfig, parse_args  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
-def bench_variant(cfg, attn, compile, loss_kind, iters, warmup, profile=False, vocab_size=50257, cuda_graphs=False):
+def bench_variant(cfg, attn, compile, loss_kind, iters, warmup, profile=False, vocab_size=50257, cuda_graphs=False,
+                  accum=1):
     torch.manual_seed(0)
     cfg = dataclasses.replace(cfg, attn=attn)
     model = GPT(GPTConfig.from_train_config(cfg, vocab_size)).cuda()
@@ -51,11 +55,12 @@ def bench_variant(cfg, attn, compile, loss_kind, iters, warmup, profile=False, v
     y = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), device="cuda")
 
     def step():
-        if cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = step_model(x, y)
-        loss.backward()
+        for _ in range(accum):  # micro-steps adding their gradients, as train.py's gradient accumulation
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = step_model(x, y)
+            (loss / accum).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -69,7 +74,7 @@ def bench_variant(cfg, attn, compile, loss_kind, iters, warmup, profile=False, v
     for _ in range(iters):
         step()
     torch.cuda.synchronize()
-    dt = (time.perf_counter() - start) / iters
+    dt = (time.perf_counter() - start) / (iters * accum)  # a micro-step's share of the time
     tokens = cfg.batch_size * cfg.block_size
     mfu = model.estimate_mfu(cfg.batch_size, dt)
     compiled = "graphs" if compile and cuda_graphs else "on" if compile else "off"
@@ -148,6 +153,9 @@ def main():
     p.add_argument("--profile", action="store_true", help="print each variant's costliest GPU kernels")
     p.add_argument("--cuda_graphs", action="store_true",
                    help="compile with mode=reduce-overhead: each step replays CUDA graphs (compiled variants only)")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step (train.py's "
+                   "--gradient_accumulation_steps: the GPT-2 preset's 40 on one GPU); times are per micro-step, "
+                   "--iters and --warmup count optimizer steps")
     p.add_argument("--vocab_size", type=int, default=50257,
                    help="the synthetic tokens' vocabulary (GPT-2's by default; 65 for the character presets)")
     args, rest = p.parse_known_args()
@@ -157,6 +165,11 @@ def main():
         sys.exit(f"error: --losses takes chunked and/or plain, got {args.losses!r}")
     if args.vocab_size < 1:
         sys.exit(f"error: --vocab_size must be at least 1 (65 for the character presets), got {args.vocab_size}")
+    if args.grad_accum < 1:
+        sys.exit(f"error: --grad_accum must be at least 1 (micro-steps per optimizer step), got {args.grad_accum}")
+    if args.grad_accum > 1 and args.cuda_graphs:
+        sys.exit("error: --cuda_graphs replays each micro-step's graph over the last one's gradients, as train.py "
+                 "refuses too: drop one of --grad_accum and --cuda_graphs")
     if args.largest_batch and args.cuda_graphs:
         sys.exit("error: --largest_batch sizes batches by peak memory, which --cuda_graphs does not count "
                  "(the graphs' own pool): drop one of them")
@@ -168,18 +181,18 @@ def main():
         for variant in args.variants.split(","):
             attn, compile = variant.split(":")
             rows.append(bench_variant(cfg, attn, compile == "1", loss_kind, args.iters, args.warmup, args.profile,
-                                      args.vocab_size, args.cuda_graphs))
+                                      args.vocab_size, args.cuda_graphs, args.grad_accum))
             print_row(rows[-1])
             free_memory()
     for row in list(rows) if args.largest_batch else []:
         big = largest_batch(cfg, row, row["attn"], row["compile"] != "off", row["loss"], args.iters, args.warmup,
-                            False, args.vocab_size, args.cuda_graphs)
+                            False, args.vocab_size, args.cuda_graphs, args.grad_accum)
         if big:
             rows.append(big)
             print_row(big)
         free_memory()
     model_desc = (f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {cfg.block_size}, "
-                  f"dropout {cfg.dropout}, vocabulary {args.vocab_size}")
+                  f"dropout {cfg.dropout}, vocabulary {args.vocab_size}, {args.grad_accum} micro-steps a step")
     lines = [f"### {torch.cuda.get_device_name()}, {datetime.date.today()}, torch {torch.__version__}: {model_desc}", "",
              f"Command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`", "",
              "| attn | compile | loss | batch | ms/iter | tokens/s | MFU | peak GiB | host syncs/step | tokens/s vs first row |",
