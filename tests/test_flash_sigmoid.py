@@ -1,10 +1,7 @@
 """flash_sigmoid against an independent float64 formula, on the CPU through the Triton interpreter.
 
-Small shapes, fp32 and fp16, odd T, causal and not, GQA, ALiBi, fixed and learnable biases. The fp32
-bounds (2e-6) are the interpreter's exact arithmetic: on a GPU (TRITON_INTERPRET=0) fp32 dots run in
-TF32 and the forward uses the hardware tanh, so the fp32 cases fail there by design (an H200 run of
-test_forward_and_gradients_match_float64, 13 of its 16 cases before a time limit: every fp32 one
-failed, every fp16 one passed). The GPU's check is `python benchmarks/bench_attention.py --check-only`.
+Small shapes, fp32 and fp16, odd T, causal and not, GQA, ALiBi, fixed and learnable biases. The same
+file runs on a GPU with TRITON_INTERPRET=0; there the fp32 cases get fp16's bound (`fp32_bound`).
 """
 import math
 import os
@@ -23,6 +20,13 @@ from tests.attention_float64 import dropout_hashes, dropout_keep_mask, rel_err, 
 pytestmark = pytest.mark.skipif(not fs.INTERPRET and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a GPU")
 DEVICE = "cuda" if torch.cuda.is_available() and not fs.INTERPRET else "cpu"
+
+
+def fp32_bound(interpreter_bound):
+    """The relative error fp32 inputs may have: the interpreter's fp32 arithmetic is exact, so its
+    bound is tight; a GPU runs fp32 tl.dot in TF32 (a 10-bit mantissa, as fp16's) and the forward's
+    hardware tanh (relative error ~2^-11), so there fp32 gets the fp16 bound, 2e-3."""
+    return interpreter_bound if DEVICE == "cpu" else 2e-3
 
 
 def make_inputs(B, H, H_kv, T, D, dtype, seed):
@@ -112,7 +116,7 @@ def test_forward_and_gradients_match_float64(B, H, H_kv, T, D, causal, dtype, al
     ref_out = sigmoid_attention_f64(*ref_leaves, causal, ref_bias, slopes)
     ref_out.backward(do.double().cpu())
 
-    tol = 2e-6 if dtype == torch.float32 else 2e-3
+    tol = fp32_bound(2e-6) if dtype == torch.float32 else 2e-3
     assert torch.isfinite(out).all()
     assert rel_err(out.cpu(), ref_out) < tol
     for got, want in zip(leaves, ref_leaves):
@@ -134,14 +138,14 @@ def test_default_bias_is_minus_log_t():
     q, k, v = make_inputs(1, 2, 2, 40, 16, torch.float32, 5)
     got = fs.flash_sigmoid(q, k, v, causal=True)
     want = sigmoid_attention_f64(q, k, v, True, [-math.log(40)] * 2)
-    assert rel_err(got.cpu(), want) < 2e-6
+    assert rel_err(got.cpu(), want) < fp32_bound(2e-6)
 
 
 def test_compiles_without_graph_break():  # bench_attention.py checks the inductor backend on the GPU
     q, k, v = make_inputs(1, 2, 2, 24, 16, torch.float32, 11)
     compiled = torch.compile(lambda q, k, v: fs.flash_sigmoid(q, k, v, causal=True) * 2, backend="aot_eager",
                              fullgraph=True)  # fullgraph: a graph break raises
-    assert rel_err(compiled(q, k, v).cpu(), 2 * sigmoid_attention_f64(q, k, v, True, [-math.log(24)] * 2)) < 2e-6
+    assert rel_err(compiled(q, k, v).cpu(), 2 * sigmoid_attention_f64(q, k, v, True, [-math.log(24)] * 2)) < fp32_bound(2e-6)
 
 
 def test_strided_views_of_one_qkv_tensor():
@@ -154,7 +158,7 @@ def test_strided_views_of_one_qkv_tensor():
     got = qkv.grad.clone()
     qkv64 = qkv.detach().double().cpu().requires_grad_()
     sigmoid_attention_f64(*(qkv64[:, :, i].transpose(1, 2) for i in range(3)), True, [-math.log(T)] * H).square().sum().backward()
-    assert rel_err(got.cpu(), qkv64.grad) < 2e-6
+    assert rel_err(got.cpu(), qkv64.grad) < fp32_bound(2e-6)
 
 
 def test_output_and_gradients_have_sdpa_memory_layout():
@@ -179,7 +183,7 @@ def test_gradients_stay_right_when_the_input_layout_has_the_head_dim_inside():
         bases64 = [b.detach().double().cpu().requires_grad_() for b in bases]
         ref = sigmoid_attention_f64(*(b.unfold(2, 16, 1) for b in bases64), causal, [-math.log(5)] * 3)
         want = torch.autograd.grad(ref.square().sum(), bases64)
-        assert all(rel_err(g.cpu(), w) < 2e-6 for g, w in zip(got, want))
+        assert all(rel_err(g.cpu(), w) < fp32_bound(2e-6) for g, w in zip(got, want))
 
 
 @pytest.mark.parametrize("layout", ["qkv views", "contiguous", "size-1 dims"])
@@ -217,7 +221,7 @@ def test_bias_gradient_is_right_on_the_first_call_while_autotuning(monkeypatch):
     got = torch.autograd.grad(fs.flash_sigmoid(q, k, v, sigmoid_bias=bias).sum(), bias)[0]
     ref_bias = bias.detach().double().cpu().requires_grad_()
     want = torch.autograd.grad(sigmoid_attention_f64(q, k, v, True, ref_bias).sum(), ref_bias)[0]
-    assert rel_err(got.cpu(), want) < 1e-5
+    assert rel_err(got.cpu(), want) < fp32_bound(1e-5)
 
 
 @pytest.mark.parametrize("B,H,H_kv,T,D,causal,dtype", [(2, 4, 2, 37, 16, True, torch.float32),
@@ -239,7 +243,7 @@ def test_dropout_forward_and_gradients_match_float64_with_the_kernels_mask(B, H,
     ref = fs.sigmoid_attention_reference(*ref_leaves, causal=causal, sigmoid_bias=ref_bias, dropout_p=p,
                                          dropout_keep=keep)
     ref.backward(do.double().cpu())
-    tol = 2e-6 if dtype == torch.float32 else 2e-3
+    tol = fp32_bound(2e-6) if dtype == torch.float32 else 2e-3
     assert rel_err(out.cpu(), ref) < tol
     for got, want in zip(leaves + [bias_arg], ref_leaves + [ref_bias]):
         assert rel_err(got.grad.cpu(), want.grad) < tol
@@ -406,9 +410,9 @@ def test_kernel_equals_float64_on_random_shapes_and_biases(B, H_kv, group, T, D,
     ref_leaves = [t.double().cpu().requires_grad_() for t in (q, k, v)]
     ref = sigmoid_attention_f64(*ref_leaves, causal, [bias] * H, slopes)
     ref.backward(do.double().cpu())
-    assert rel_err(out.cpu(), ref) < 1e-5
+    assert rel_err(out.cpu(), ref) < fp32_bound(1e-5)
     for got, want in zip(leaves, ref_leaves):
-        assert rel_err(got.grad.cpu(), want.grad) < 1e-5
+        assert rel_err(got.grad.cpu(), want.grad) < fp32_bound(1e-5)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA GPU (TRITON_INTERPRET unset)")
