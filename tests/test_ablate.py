@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -419,3 +420,41 @@ def test_a_signal_it_was_told_to_ignore_does_not_stop_it(ablate_module, monkeypa
     assert signal.SIGTERM in ablate.stop_signals()
     monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN if sig == signal.SIGHUP else signal.SIG_DFL)
     assert signal.SIGHUP not in ablate.stop_signals() and signal.SIGTERM in ablate.stop_signals()
+
+
+def test_a_second_kill_while_the_first_is_handled_does_not_hang_it(tmp_path):
+    """`timeout` sends its SIGTERM to ablate.py and then to the whole process group, so a second one can
+    land while the handler of the first holds the stop event's lock: ablate.py once waited on that lock
+    forever after its runs had stopped. Here the second kill lands inside the event's set()."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys, threading, time, types
+        from pathlib import Path
+        sys.path[:0] = [{str(REPO / 'tools')!r}, {str(REPO / 'tests')!r}]
+        import ablate
+        from test_ablate import ON_CTRL_C, script_job
+
+        class SecondKillInsideSet(threading.Event):
+            def set(self):
+                with self._cond:  # as Event.set: the flag under the condition's lock
+                    if not getattr(self, "killed", False):
+                        self.killed = True
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        time.sleep(0.2)  # the second handler runs here, in this thread
+                    self._flag = True
+                    self._cond.notify_all()
+
+        ablate.threading = types.SimpleNamespace(**vars(threading))  # ablate's stop event only, not Thread's
+        ablate.threading.Event = SecondKillInsideSet
+        job = script_job(ablate, Path({str(tmp_path / 'r')!r}),
+                         ON_CTRL_C.format("stopped") + "print('ready', flush=True)\\ntime.sleep(40)")
+        def kill():  # once the run is up: the first kill
+            out = job.out_dir / "train.out"
+            while not (out.exists() and "ready" in out.read_text()):
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=kill, daemon=True).start()
+        failed, stopped = ablate.run_all([job], [None, None])
+        print("returned", stopped, failed == [job])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().splitlines()[-1] == "returned True True", result.stderr

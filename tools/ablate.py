@@ -244,7 +244,13 @@ def run_all(jobs, slots, env_for=on_gpu):
                     print(f"[{i + 1}/{len(jobs)}] done {job.run} seed {job.seed}: best val loss "
                           f"{job.best_val_loss():.4f}, {took}", flush=True)
 
+    stopping = []  # signals handled: a second one (`timeout` signals ablate.py, then its process group) can
+    # come while the first one's handler holds stop's lock in stop.set(), and would wait on it forever
+
     def interrupt(signum, frame):  # start no more runs; the running ones stop, their checkpoints kept
+        if stopping:
+            return
+        stopping.append(signum)
         stop.set()
         if signum != signal.SIGINT:  # Ctrl-C reaches them itself (one process group); a kill does not
             for job in [job for job, s in list(state.items()) if s == "running"]:
