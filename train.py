@@ -213,7 +213,12 @@ def load_data(cfg, master):
                              f"block_size={cfg.block_size}: {fix}")
         # kept open: a run reads the file it started with to its end, also when prepare_data.py
         # renames a new file over it or it is deleted meanwhile (not when it is overwritten in place)
-        splits[split] = (open(tokens.filename, "rb"), len(tokens))
+        file = open(tokens.filename, "rb")
+        if os.fstat(file.fileno()).st_size != tokens.nbytes:  # another file took its name since the check
+            file.close()
+            raise TrainError(f"{tokens.filename} changed while the run started (prepare_data.py writing it?): "
+                             f"run again once it is written")
+        splits[split] = (file, len(tokens))
     return meta, splits
 
 

@@ -657,6 +657,31 @@ def test_a_run_reads_its_data_files_to_the_end_when_they_are_replaced(data_dir, 
             file.close()
 
 
+def test_a_data_file_replaced_between_its_check_and_its_opening_is_one_line(data_dir, tmp_path, monkeypatch):
+    """load_data checks a token file's size by its path, then opens it: a file renamed over it in
+    between (prepare_data.py writing anew) must not be read with the old file's length."""
+    import shutil
+
+    import train as train_module
+    from configurable import TrainConfig
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir / "tiny", copy / "tiny")
+    check_bin = train_module.check_bin
+
+    def checked_then_replaced(folder, meta, split):
+        tokens = check_bin(folder, meta, split)
+        shorter = Path(tokens.filename).with_name("new.bin")
+        shorter.write_bytes(Path(tokens.filename).read_bytes()[:-2])
+        os.replace(shorter, tokens.filename)
+        return tokens
+    monkeypatch.setattr(train_module, "check_bin", checked_then_replaced)
+    cfg = TrainConfig(block_size=32, batch_size=4, dataset="tiny", data_dir=str(copy))
+    with pytest.raises(train_module.TrainError) as e:
+        train_module.load_data(cfg, master=False)
+    assert str(e.value) == (f"{copy / 'tiny' / 'train.bin'} changed while the run started (prepare_data.py "
+                            f"writing it?): run again once it is written")
+
+
 def test_ranks_split_the_evaluation_windows_and_their_sums_make_the_whole(tmp_path, monkeypatch):
     """Under DDP each rank scores windows rank, rank + world, ...; the all-reduced (sum, count) of all
     ranks is the one-rank evaluation, whatever the number of ranks, also when some ranks get none."""
