@@ -205,7 +205,16 @@ def load_data(cfg, master):
     meta = load_meta(folder)
     splits = {}
     for split in ("train", "val"):
-        tokens = check_bin(folder, meta, split)
+        # opened before the check, so the file checked is the one read (unless another took its name)
+        with suppress(OSError):
+            file = None
+            file = open(folder / f"{split}.bin", "rb")
+        tokens = check_bin(folder, meta, split)  # one line for a missing, short or corrupt file
+        if file is None or not os.path.samestat(os.fstat(file.fileno()), os.stat(tokens.filename)):
+            if file is not None:
+                file.close()
+            raise TrainError(f"{tokens.filename} changed while the run started (prepare_data.py writing it?): "
+                             f"run again once it is written")
         if len(tokens) <= cfg.block_size:  # a sequence is block_size tokens and its next one
             fix = (f"use --block_size={len(tokens) - 1} or less, or more text" if len(tokens) > 1
                    else "prepare the dataset from more text")
@@ -213,11 +222,6 @@ def load_data(cfg, master):
                              f"block_size={cfg.block_size}: {fix}")
         # kept open: a run reads the file it started with to its end, also when prepare_data.py
         # renames a new file over it or it is deleted meanwhile (not when it is overwritten in place)
-        file = open(tokens.filename, "rb")
-        if os.fstat(file.fileno()).st_size != tokens.nbytes:  # another file took its name since the check
-            file.close()
-            raise TrainError(f"{tokens.filename} changed while the run started (prepare_data.py writing it?): "
-                             f"run again once it is written")
         splits[split] = (file, len(tokens))
     return meta, splits
 
@@ -864,8 +868,8 @@ def stop_as_ctrl_c(signum, frame):
     if progress["stopped_at"] is not None and time.monotonic() - progress["stopped_at"] < 5:
         return
     progress["stopped_at"] = time.monotonic()
-    if progress["saving"]:  # raised once the save is done: stops_wait_for_the_save
-        progress["stop_after_save"] = True
+    if progress["saving"] and not progress["stop_after_save"]:  # raised once the save is done (a second
+        progress["stop_after_save"] = True  # one, 5 s on, raises now: a save that hangs)
         return
     raise KeyboardInterrupt
 
@@ -879,8 +883,9 @@ def stops_wait_for_the_save():
         yield
     finally:
         progress["saving"] = False
-    if progress["stop_after_save"]:
-        progress["stop_after_save"] = False
+        stop, progress["stop_after_save"] = progress["stop_after_save"], False
+    if stop:
+        progress["stopped_at"] = time.monotonic()  # the 5 s that let the resume line out start now
         raise KeyboardInterrupt
 
 

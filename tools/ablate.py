@@ -244,17 +244,20 @@ def run_all(jobs, slots, env_for=on_gpu):
                     print(f"[{i + 1}/{len(jobs)}] done {job.run} seed {job.seed}: best val loss "
                           f"{job.best_val_loss():.4f}, {took}", flush=True)
 
-    stopping = []  # signals handled: a second one (`timeout` signals ablate.py, then its process group) can
-    # come while the first one's handler holds stop's lock in stop.set(), and would wait on it forever
+    handling = []  # non-empty while the handler runs: a second signal (`timeout` signals ablate.py, then its
+    # process group) can land inside the first one's stop.set(), whose lock it would wait on forever
 
     def interrupt(signum, frame):  # start no more runs; the running ones stop, their checkpoints kept
-        if stopping:
+        if handling:
             return
-        stopping.append(signum)
-        stop.set()
-        if signum != signal.SIGINT:  # Ctrl-C reaches them itself (one process group); a kill does not
-            for job in [job for job, s in list(state.items()) if s == "running"]:
-                job.interrupt()
+        handling.append(signum)
+        try:
+            stop.set()
+            if signum != signal.SIGINT:  # Ctrl-C reaches them itself (one process group); a kill does not
+                for job in [job for job, s in list(state.items()) if s == "running"]:
+                    job.interrupt()
+        finally:
+            handling.clear()
     # Handlers, not KeyboardInterrupt: an interrupted join() can report a running thread as finished, and
     # a kill (SIGTERM, SIGHUP) must not leave the runs, or the MPS daemon, running without ablate.py.
     previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals()}
