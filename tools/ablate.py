@@ -188,13 +188,25 @@ class Job:
             out.write(f"$ {self.shown}\n")
             self.proc = proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                 text=True, env=env)
+            spoke = threading.Event()
             if stop is not None and stop.is_set():  # a kill came while it started: run_all's handler missed it
-                self.interrupt()
+                threading.Thread(target=interrupt_until_it_speaks, args=(proc, spoke), daemon=True).start()
             for line in proc.stdout:
+                spoke.set()
                 out.write(line)
                 if echo:
                     print(line, end="", flush=True)
+            spoke.set()
             return proc.wait()
+
+
+def interrupt_until_it_speaks(proc, spoke):
+    """Ctrl-C for a run that is just starting, again each second until it prints a line or ends: one
+    SIGINT that lands while its Python starts up can be lost (a test's run then slept on and exited 0).
+    train.py ignores a repeat within 5 s of the first, so a run already stopping is not hurried."""
+    while not spoke.is_set() and proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        spoke.wait(1)
 
 
 STATUS_EVERY = 60  # seconds between progress lines while several runs go at once
