@@ -5,7 +5,7 @@
     # GPT-2 124M: the plain and the chunked loss, at batch 12 and at the largest batch that fits
     python benchmarks/bench_train.py presets/gpt2_124m.toml --variants=softmax:1,sigmoid:1 --losses=plain,chunked --largest_batch
     # GPT-2 124M as its preset trains on one GPU: 40 micro-steps a step, so AdamW runs once in 40
-    python benchmarks/bench_train.py presets/gpt2_124m.toml --variants=softmax:1,sigmoid:1 --grad_accum=40 --iters=3 --warmup=2
+    python benchmarks/bench_train.py presets/gpt2_124m.toml --variants=softmax:1,sigmoid:1 --grad_accum=40 --iters=3 --warmup=1
     # the baby GPT as train.py runs it: the character vocabulary, each step replayed as CUDA graphs
     python benchmarks/bench_train.py presets/tinyshakespeare_char.toml --variants=softmax:1,sigmoid:1 --vocab_size=65 --cuda_graphs
 
@@ -23,8 +23,8 @@ the GPU), and each row's tokens/s over the first row's.
 accumulation; its rows say "graphs"); --vocab_size sets the synthetic tokens' vocabulary (GPT-2's by
 default, so a character preset's head is timed 770x too large unless given 65). With --cuda_graphs the peak
 memory column reads low: the graphs' private memory pool is not counted.
---profile also prints, per variant, the GPU kernels that took the most time over 5 steps, and the
-GPU's busy time against the step time (a step much longer than its kernels is launch-bound).
+--profile also prints, per variant, the GPU kernels that took the most time over 5 steps (over one
+step with --grad_accum of 5 or more), and the GPU's busy time against the whole step's time (a step much longer than its kernels is launch-bound).
 """
 import argparse
 import dataclasses
@@ -79,7 +79,8 @@ def bench_variant(cfg, attn, compile, loss_kind, iters, warmup, profile=False, v
     mfu = model.estimate_mfu(cfg.batch_size, dt)
     compiled = "graphs" if compile and cuda_graphs else "on" if compile else "off"
     if profile:
-        print_profile(step, dt, f"{attn} compile={compiled}")
+        # step() is one optimizer step of accum micro-steps: profile a few whole steps, timed as such
+        print_profile(step, dt * accum, f"{attn} compile={compiled}", steps=max(1, 5 // accum))
     return dict(attn=attn, compile=compiled, loss=loss_kind, batch=cfg.batch_size, ms=dt * 1e3, tok_s=tokens / dt,
                 mfu=mfu, peak=torch.cuda.max_memory_allocated(), resident=resident, syncs=syncs)
 
