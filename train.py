@@ -863,7 +863,7 @@ def run(argv):
 def stop_as_ctrl_c(signum, frame):
     """Ctrl-C and a kill raise KeyboardInterrupt, which run() turns into the resume command. Another
     one within 5 s is ignored, so that the message gets out (a kill of tools/ablate.py's process
-    group reaches each run twice: from the kill, then as ablate.py's SIGINT); a later one raises
+    group reaches each run twice: from the kill, then as ablate.py's SIGTERM); a later one raises
     again, for a stop that hangs."""
     if progress["stopped_at"] is not None and time.monotonic() - progress["stopped_at"] < 5:
         return
@@ -890,9 +890,9 @@ def stops_wait_for_the_save():
 
 
 if __name__ == "__main__":
-    # Ctrl-C (or tools/ablate.py's SIGINT) stops a run with the resume command, even when a shell
-    # started it with SIGINT ignored, as it does a background job of a script. So do a kill (SIGTERM:
-    # `kill`, `timeout`, a job scheduler's stop) and a closed terminal (SIGHUP, unless nohup ignores
+    # Ctrl-C stops a run with the resume command, even when a shell started it with SIGINT ignored,
+    # as it does a background job of a script. So do a kill (SIGTERM: `kill`, `timeout`, a job
+    # scheduler's stop, tools/ablate.py's stop) and a closed terminal (SIGHUP, unless nohup ignores
     # it), which would end it without a word; not under torchrun, which sends SIGTERM to stop the
     # ranks once one has failed: a rank waiting in a collective would not take it before a SIGKILL.
     signal.signal(signal.SIGINT, stop_as_ctrl_c)

@@ -165,10 +165,13 @@ class Job:
         return (int(found[0]), int(found[-1]) + 1) if found else None
 
     def interrupt(self):
-        """Ctrl-C for its train.py: it stops, naming its last checkpoint to resume from."""
+        """A kill for its train.py, which stops on it as on Ctrl-C, naming its last checkpoint to resume
+        from. SIGTERM, not SIGINT: a run started by a script's background job inherits SIGINT ignored
+        until train.py installs its handler, after its imports, and would lose one sent before; SIGTERM
+        ends a run that is still starting, which has nothing to save."""
         proc = getattr(self, "proc", None)
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
 
     def best_val_loss(self):
         return min((r["val_loss"] for r in self.log() if r.get("val_loss") is not None), default=math.nan)
@@ -188,25 +191,13 @@ class Job:
             out.write(f"$ {self.shown}\n")
             self.proc = proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                 text=True, env=env)
-            spoke = threading.Event()
             if stop is not None and stop.is_set():  # a kill came while it started: run_all's handler missed it
-                threading.Thread(target=interrupt_until_it_speaks, args=(proc, spoke), daemon=True).start()
+                self.interrupt()
             for line in proc.stdout:
-                spoke.set()
                 out.write(line)
                 if echo:
                     print(line, end="", flush=True)
-            spoke.set()
             return proc.wait()
-
-
-def interrupt_until_it_speaks(proc, spoke):
-    """Ctrl-C for a run that is just starting, again each second until it prints a line or ends: one
-    SIGINT that lands while its Python starts up can be lost (a test's run then slept on and exited 0).
-    train.py ignores a repeat within 5 s of the first, so a run already stopping is not hurried."""
-    while not spoke.is_set() and proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        spoke.wait(1)
 
 
 STATUS_EVERY = 60  # seconds between progress lines while several runs go at once
