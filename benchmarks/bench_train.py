@@ -23,8 +23,9 @@ the GPU), and each row's tokens/s over the first row's.
 accumulation; its rows say "graphs"); --vocab_size sets the synthetic tokens' vocabulary (GPT-2's by
 default, so a character preset's head is timed 770x too large unless given 65). With --cuda_graphs the peak
 memory column reads low: the graphs' private memory pool is not counted.
---profile also prints, per variant, the GPU kernels that took the most time over 5 steps (over one
-step with --grad_accum of 5 or more), and the GPU's busy time against the whole step's time (a step much longer than its kernels is launch-bound).
+--profile also prints, per variant, the GPU kernels that took the most time over 5 steps (with
+--grad_accum=N over 5 // N whole steps, at least one), and the GPU's busy time against a whole
+step's time (a step much longer than its kernels is launch-bound).
 """
 import argparse
 import dataclasses
