@@ -206,8 +206,8 @@ def load_data(cfg, master):
     splits = {}
     for split in ("train", "val"):
         # opened before the check, so the file checked is the one read (unless another took its name)
-        with suppress(OSError):
-            file = None
+        file = None
+        with suppress(OSError):  # a missing file: check_bin says so in one line
             file = open(folder / f"{split}.bin", "rb")
         tokens = check_bin(folder, meta, split)  # one line for a missing, short or corrupt file
         if file is None or not os.path.samestat(os.fstat(file.fileno()), os.stat(tokens.filename)):
